@@ -1,0 +1,83 @@
+"""The errors EdgePerso raises, grouped by what the caller can do about them.
+
+    EdgePersoError                 base of everything below
+    ├── InvalidInputError          the call was wrong: fix the arguments (also a ValueError)
+    ├── UnsupportedError           valid, but not supported by this version or bundle
+    ├── IntegrityError             stored bytes failed verification: do not trust them
+    │   ├── BundleIntegrityError   a bundle file is missing, truncated or tampered with
+    │   ├── TamperedError          a sealed store record or file failed authentication
+    │   └── RollbackError          the store is older than the last state this device saw
+    ├── KeyUnavailableError        a key could not be obtained (keystore missing, wrong secret)
+    │   └── WrongKeyError          a key or passphrase was given, and it is not the right one
+    ├── LockedError                another process holds the resource: retry later
+    ├── StorageError               the disk refused (full, read-only, I/O error)
+    └── BudgetExhaustedError       a privacy or training budget is spent
+
+Every message says what was wrong and what to do next. No message contains user text,
+labels or key material.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BudgetExhaustedError",
+    "BundleIntegrityError",
+    "EdgePersoError",
+    "IntegrityError",
+    "InvalidInputError",
+    "KeyUnavailableError",
+    "LockedError",
+    "RollbackError",
+    "StorageError",
+    "TamperedError",
+    "UnsupportedError",
+    "WrongKeyError",
+]
+
+
+class EdgePersoError(Exception):
+    """Base class of every error raised by EdgePerso."""
+
+
+class InvalidInputError(EdgePersoError, ValueError):
+    """An argument was invalid; the message names it and the accepted values."""
+
+
+class UnsupportedError(EdgePersoError):
+    """The request is well-formed but this version or bundle does not support it."""
+
+
+class IntegrityError(EdgePersoError):
+    """Stored bytes failed verification; nothing derived from them was returned."""
+
+
+class BundleIntegrityError(IntegrityError):
+    """A bundle file is missing, truncated, or does not match its manifest hash."""
+
+
+class TamperedError(IntegrityError):
+    """A sealed record or file failed authentication (modified, moved or truncated)."""
+
+
+class RollbackError(IntegrityError):
+    """The store is older than the newest state this device has recorded."""
+
+
+class KeyUnavailableError(EdgePersoError):
+    """A key-encryption key could not be obtained."""
+
+
+class WrongKeyError(KeyUnavailableError):
+    """The key or passphrase given does not open this store."""
+
+
+class LockedError(EdgePersoError):
+    """Another process or thread holds the resource; retry when it is released."""
+
+
+class StorageError(EdgePersoError):
+    """The storage layer failed (disk full, read-only file system, I/O error)."""
+
+
+class BudgetExhaustedError(EdgePersoError):
+    """A configured budget (privacy epsilon, training time) is spent."""

@@ -1,0 +1,109 @@
+"""Loading a bundle: verify the manifest and every file hash before anything is used."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from edgeperso._errors import BundleIntegrityError, EdgePersoError, InvalidInputError
+from edgeperso.bundle._manifest import Manifest
+
+MANIFEST = "manifest.json"
+INFER_GRAPH = "infer.onnx"
+PARAMS_FILE = "params.npz"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Bundle:
+    """A verified bundle directory. Construct it with `Bundle.load(path)`."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = root
+        self.manifest = manifest
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Bundle:
+        """Read `manifest.json` and verify the size and sha256 of every file it lists.
+
+        Raises InvalidInputError if `path` is not a bundle directory, UnsupportedError if
+        the bundle's schema is newer than this runtime, and BundleIntegrityError if any file
+        is missing, truncated or modified.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise InvalidInputError(f"bundle path {str(root)!r} is not a directory")
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file():
+            raise InvalidInputError(
+                f"{str(root)!r} has no {MANIFEST}; point Bundle.load at an exported bundle"
+            )
+        try:
+            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleIntegrityError(
+                f"{MANIFEST} in {str(root)!r} is not valid JSON ({exc}); re-export the bundle"
+            ) from exc
+        if not isinstance(data, dict):
+            raise BundleIntegrityError(f"{MANIFEST} in {str(root)!r} is not a JSON object")
+        manifest = Manifest.from_json(data)
+        for entry in manifest.files:
+            _verify(root, entry.path, entry.size, entry.sha256)
+        required = {INFER_GRAPH, PARAMS_FILE}
+        missing = required - {f.path for f in manifest.files}
+        if missing:
+            raise BundleIntegrityError(f"the manifest does not list {sorted(missing)}")
+        return cls(root, manifest)
+
+    def path_of(self, name: str) -> Path:
+        """Path of a verified bundle file."""
+        if name not in {f.path for f in self.manifest.files}:
+            raise InvalidInputError(f"the bundle has no file {name!r}")
+        return self.root / name
+
+    def initial_params(self) -> Mapping[str, np.ndarray]:
+        """The exported values of the parameters whose init is "bundle"."""
+        with np.load(self.path_of(PARAMS_FILE), allow_pickle=False) as npz:
+            values = {name: npz[name] for name in npz.files}
+        for spec in self.manifest.params:
+            if spec.init != "bundle":
+                continue
+            value = values.get(spec.name)
+            if value is None or value.shape != spec.shape or value.dtype != np.float32:
+                raise BundleIntegrityError(
+                    f"params.npz does not hold {spec.name} as float32{list(spec.shape)}"
+                )
+        return values
+
+
+def _verify(root: Path, name: str, size: int, sha256: str) -> None:
+    path = root / name
+    try:
+        actual_size = path.stat().st_size
+    except FileNotFoundError:
+        raise BundleIntegrityError(
+            f"bundle file {name!r} is missing from {str(root)!r}; re-copy or re-export the bundle"
+        ) from None
+    except OSError as exc:
+        raise EdgePersoError(f"cannot read bundle file {name!r}: {exc}") from exc
+    if actual_size != size:
+        raise BundleIntegrityError(
+            f"bundle file {name!r} is {actual_size} bytes, the manifest says {size}: "
+            "truncated or replaced; re-copy or re-export the bundle"
+        )
+    if sha256_file(path) != sha256:
+        raise BundleIntegrityError(
+            f"bundle file {name!r} does not match its sha256 in the manifest: modified "
+            "after export; re-copy or re-export the bundle"
+        )

@@ -1,0 +1,3 @@
+"""Coordinator for EdgePerso federated rounds (server side)."""
+
+__all__: list[str] = []
