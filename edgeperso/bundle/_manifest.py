@@ -119,7 +119,10 @@ class QuantizationSpec:
     per_channel: bool
     weight_type: str
     reduce_range: bool
-    excluded_nodes: tuple[str, ...]
+    excluded_nodes: tuple[str, ...]  # MatMuls kept in float (mixed precision)
+    # Dynamic int8 picks activation scales per run, so a text's output can depend on the
+    # rest of its batch. When the export measured that, the runtime runs texts one by one.
+    batch_invariant: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +144,7 @@ class TrainSpec:
     """
 
     graphs: tuple[TrainGraph, ...]
-    loss: Literal["weighted_cross_entropy", "weighted_mse", "weighted_info_nce"]
+    loss: Literal["weighted_cross_entropy", "weighted_mse", "none"]  # none: no train graph
 
     def graph_for(self, seq_len: int) -> TrainGraph:
         """The smallest exported sequence-length bucket that fits `seq_len` tokens."""

@@ -1,0 +1,447 @@
+"""export_bundle: a Hugging Face encoder becomes a verified EdgePerso bundle."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+import transformers
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
+
+import edgeperso
+from edgeperso.bundle import (
+    INFER_GRAPH,
+    MANIFEST,
+    PARAMS_FILE,
+    SCHEMA_VERSION,
+    FileEntry,
+    LoraSlot,
+    LoraSpec,
+    Manifest,
+    ParamSpec,
+    QuantizationSpec,
+    TrainGraph,
+    TrainSpec,
+    UserEmbeddingSpec,
+    sha256_file,
+)
+from edgeperso_export import _graphs, _parity
+from edgeperso_export._config import ExportConfig
+from edgeperso_export._errors import ExportError, ParityError
+from edgeperso_export._model import Family, PersonalModel, family_of, find_slot_sites
+from edgeperso_export._quantize import (
+    dequantized_weights,
+    detect_target,
+    quantize,
+    rank_sensitivity,
+)
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+STAGES = ("load", "infer graph", "quantize", "inference parity", "train graphs", "write")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class _Source:
+    path: str
+    encoder: Any  # a transformers PreTrainedModel
+    tokenizer: PreTrainedTokenizerFast
+    family: Family
+    pooling: str
+    normalize: bool
+
+
+def export_bundle(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    config: ExportConfig,
+    *,
+    overwrite: bool = False,
+    on_stage: Progress | None = None,
+) -> Manifest:
+    """Export `source` (a local Hugging Face model directory, or a hub id when online) into
+    the bundle directory `output`.
+
+    The bundle appears atomically: it is built in a temporary directory beside `output` and
+    renamed into place only after every parity check passed, so a failed or interrupted
+    export leaves nothing behind. Raises ExportError (ParityError for a failed gate).
+    """
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise ExportError(f"output {str(out)!r} exists; pass overwrite=True (--overwrite)")
+    stage = on_stage or (lambda name: None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        manifest = _build(str(source), work, config, stage)
+        _replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(new, target)
+        return
+    trash = target.with_name(f".{target.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(target, trash)
+    os.replace(new, target)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def load_source(source: str) -> _Source:
+    path = Path(source)
+    if not path.exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or source.startswith(".")):
+        raise ExportError(f"model path {source!r} does not exist (and the hub is offline)")
+    if not path.exists() and ("/" not in source or source.startswith("/")):
+        raise ExportError(f"model path {source!r} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)  # type: ignore[no-untyped-call]
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"no usable tokenizer in {source!r}: {exc}") from exc
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise ExportError(f"{source!r} has no fast tokenizer (tokenizer.json); convert it first")
+    try:
+        encoder = AutoModel.from_pretrained(source, attn_implementation="eager").eval()
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot load a model from {source!r}: {exc}") from exc
+    family = family_of(encoder.config.model_type)
+    pooling, normalize = _sentence_transformers_head(path)
+    return _Source(source, encoder.float(), tokenizer, family, pooling, normalize)
+
+
+def _sentence_transformers_head(path: Path) -> tuple[str, bool]:
+    """Pooling and normalisation from a sentence-transformers layout; mean, no norm otherwise."""
+    pooling = "mean"
+    config = path / "1_Pooling" / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        if data.get("pooling_mode_cls_token"):
+            pooling = "cls"
+        elif not data.get("pooling_mode_mean_tokens", True):
+            raise ExportError(f"unsupported sentence-transformers pooling in {config}")
+    modules = path / "modules.json"
+    normalize = modules.is_file() and any(
+        m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text())
+    )
+    return pooling, normalize
+
+
+def _layers(config: ExportConfig, n_layers: int) -> tuple[int, ...]:
+    if config.lora_layers is None:
+        return tuple(range(n_layers // 2, n_layers))
+    bad = [i for i in config.lora_layers if not 0 <= i < n_layers]
+    if bad:
+        raise ExportError(f"lora_layers {bad} out of range: the model has {n_layers} layers")
+    return tuple(sorted(set(config.lora_layers)))
+
+
+def _param_specs(model: PersonalModel, trainable: list[str]) -> list[ParamSpec]:
+    specs = []
+    for name, p in model.named_slot_params().items():
+        level, _, rest = name.partition(".")
+        if rest.startswith("lora."):
+            is_a = rest.endswith(".A")
+            role = "lora_a" if is_a else "lora_b"
+            slot = rest.removeprefix("lora.").rsplit(".", 1)[0]
+            init = ("kaiming_uniform" if level == "user" else "bundle") if is_a else "zeros"
+        else:
+            slot = None
+            role = {"vector": "user_vector", "bias": "bias"}.get(rest, rest.split(".")[0])
+            init = "bundle" if level == "global" else "zeros"
+        specs.append(
+            ParamSpec(
+                name=name,
+                shape=tuple(p.shape),
+                level=level,  # type: ignore[arg-type]
+                role=role,  # type: ignore[arg-type]
+                init=init,  # type: ignore[arg-type]
+                trainable=name in trainable,
+                slot=slot,
+            )
+        )
+    return specs
+
+
+def _initialise(model: PersonalModel, specs: list[ParamSpec], seed: int) -> dict[str, np.ndarray]:
+    """Draw the exported values (shared A, head, MLP) and zero the rest; return the former."""
+    gen = torch.Generator().manual_seed(seed)
+    params = model.named_slot_params()
+    exported = {}
+    with torch.no_grad():
+        for spec in specs:
+            p = params[spec.name]
+            if spec.init == "bundle" and spec.role == "lora_a":
+                bound = 1.0 / math.sqrt(p.shape[0])  # peft's kaiming_uniform(a=sqrt(5)) bound
+                p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
+            elif spec.init != "bundle":
+                p.zero_()
+            if spec.init == "bundle":
+                exported[spec.name] = p.detach().numpy().astype(np.float32).copy()
+    return exported
+
+
+def _infer_defaults(
+    model: PersonalModel, exported: Mapping[str, np.ndarray], slots: list[LoraSlot]
+) -> dict[str, np.ndarray]:
+    defaults: dict[str, np.ndarray] = {
+        "history": np.zeros((1, model.hidden), np.float32),
+        "history_mask": np.zeros((1,), np.float32),
+    }
+    for slot in slots:
+        defaults[slot.a_input] = np.zeros((slot.in_features, slot.rank), np.float32)
+        defaults[slot.b_input] = np.zeros((slot.rank, slot.out_features), np.float32)
+    for name, p in model.named_slot_params().items():
+        if ".lora." not in name and not name.startswith("lora."):
+            defaults[name] = exported.get(name, np.zeros(tuple(p.shape), np.float32))
+    return defaults
+
+
+def _build(source: str, work: Path, config: ExportConfig, stage: Progress) -> Manifest:
+    stage("load")
+    src = load_source(source)
+    encoder = src.encoder
+    n_layers = len(src.family.layers(encoder))
+    targets = config.lora_target_modules or src.family.default_targets
+    layers = _layers(config, n_layers)
+    sites = find_slot_sites(encoder, src.family, targets, layers)
+    if not sites:
+        raise ExportError(
+            f"LoRA target modules {list(targets)} match no Linear layer in layers "
+            f"{list(layers)} of {encoder.config.model_type}; check --target-modules"
+        )
+    lora = LoraSpec(
+        r_user=config.lora_r,
+        r_shared=config.shared_r,
+        alpha=config.lora_alpha,
+        target_modules=tuple(targets),
+        layers=layers,
+        shared_a_seed=config.seed,
+    )
+    user_emb = None
+    if config.task != "embedding" and config.user_embedding_dim > 0:
+        user_emb = UserEmbeddingSpec(
+            config.user_embedding_dim, config.history_size, config.mlp_hidden
+        )
+    torch.manual_seed(config.seed)
+
+    def personal(enc: torch.nn.Module, per_level: bool) -> PersonalModel:
+        model = PersonalModel(
+            copy.deepcopy(enc),
+            src.family,
+            sites,
+            lora,
+            task=config.task,
+            output_size=config.output_size,
+            pooling=src.pooling,
+            normalize=src.normalize,
+            user_embedding=user_emb,
+            per_level=per_level,
+        ).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    reference = personal(encoder, per_level=True)
+    trainable = _graphs.trainable_names(reference)
+    specs = _param_specs(reference, trainable)
+    exported = _initialise(reference, specs, config.seed)
+    infer_model = personal(encoder, per_level=False)
+    slot_rank = config.lora_r + 2 * config.shared_r
+    slots = [
+        LoraSlot(
+            s.module,
+            s.in_features,
+            s.out_features,
+            slot_rank,
+            f"lora.{s.short}.A",
+            f"lora.{s.short}.B",
+        )
+        for s in sites
+    ]
+    infer_params = infer_model.named_slot_params()
+    with torch.no_grad():
+        for name, value in exported.items():
+            if name in infer_params:
+                infer_params[name].copy_(torch.from_numpy(value))
+
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = src.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=config.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    stage("infer graph")
+    fp32_dir = work / "_fp32"
+    fp32_dir.mkdir()
+    fp32_path = fp32_dir / "model.onnx"
+    _graphs.export_infer(infer_model, fp32_path, tokenize(list(_parity.PROBE_TEXTS[:4])))
+
+    stage("quantize")
+    target = config.quantization_target or detect_target()
+    infer_path = work / INFER_GRAPH
+    defaults = _infer_defaults(infer_model, exported, slots)
+    measured, quant = _quantize_with_gate(
+        config, reference, fp32_path, infer_path, target, defaults, tokenize
+    )
+
+    stage("train graphs")
+    fp32_model = onnx.load(str(fp32_path))
+    names = _graphs.base_weight_names(fp32_model, reference.encoder)
+    dequant = dequantized_weights(onnx.load(str(infer_path)))
+    train_model = copy.deepcopy(reference)
+    loaded = _graphs.load_dequantized(train_model.encoder, names, dequant)
+    log.info("train graph uses %d dequantized int8 weights", loaded)
+    _parity.check_against_peft(measured, config, encoder, reference, targets, layers, tokenize)
+    graphs = []
+    if config.task != "embedding":
+        for seq in config.buckets:
+            name = f"train_step_L{seq}.onnx"
+            batch = _graphs.train_sample(
+                train_model,
+                config.train_batch_size,
+                seq,
+                config.history_size,
+                config.output_size,
+            )
+            outputs = _graphs.export_train(train_model, work / name, batch, trainable)
+            _parity.check_gradients(
+                measured,
+                config,
+                copy.deepcopy(train_model),
+                work / name,
+                outputs,
+                batch,
+                trainable,
+            )
+            graphs.append(TrainGraph(name, config.train_batch_size, seq))
+    _raise_on_failure(measured)
+
+    stage("write")
+    shutil.rmtree(fp32_dir)
+    src.tokenizer.backend_tokenizer.save(str(work / TOKENIZER_FILE))
+    np.savez(work / PARAMS_FILE, **exported)  # type: ignore[arg-type]
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        task=config.task,
+        labels=config.labels,
+        max_length=config.max_length,
+        pooling=src.pooling,  # type: ignore[arg-type]
+        normalize=src.normalize,
+        hidden_size=reference.hidden,
+        output_size=reference.hidden if config.task == "embedding" else config.output_size,
+        source=Path(source).name,
+        architecture=str(encoder.config.model_type),
+        tokenizer=TOKENIZER_FILE,
+        files=tuple(
+            FileEntry(p.name, sha256_file(p), p.stat().st_size) for p in sorted(work.iterdir())
+        ),
+        versions=_versions(),
+        quantization=quant,
+        lora=lora,
+        user_embedding=user_emb,
+        slots=tuple(slots),
+        params=tuple(specs),
+        train=TrainSpec(
+            graphs=tuple(graphs),
+            loss={
+                "classification": "weighted_cross_entropy",
+                "regression": "weighted_mse",
+            }.get(config.task, "none"),  # type: ignore[arg-type]
+        ),
+        parity=tuple(measured.checks),
+    )
+    (work / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    for path in work.iterdir():
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+    return manifest
+
+
+def _quantize_with_gate(
+    config: ExportConfig,
+    reference: PersonalModel,
+    fp32_path: Path,
+    infer_path: Path,
+    target: Any,
+    defaults: Mapping[str, np.ndarray],
+    tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+) -> tuple[_parity.Measured, QuantizationSpec]:
+    """Quantize all base MatMuls; if the inference checks fail, keep the most sensitive ones
+    in float (mixed precision), doubling their number each try, before giving up."""
+    excluded: list[str] = []
+    ranked: list[str] | None = None
+    while True:
+        quant = quantize(fp32_path, infer_path, target, excluded)
+        _graphs.add_overridable_defaults(infer_path, defaults)
+        measured = _parity.Measured([])
+        _parity.check_inference(measured, config, reference, infer_path, tokenize)
+        accuracy_failed = [c for c in measured.failed if c.name != "batch_invariance_cosine"]
+        if not accuracy_failed:
+            invariant = all(c.passed for c in measured.checks if c.name.startswith("batch_"))
+            return measured, dataclasses.replace(quant, batch_invariant=invariant)
+        log.info("int8 parity failed (%s); trying mixed precision", _describe(measured))
+        if ranked is None:
+            batch = tokenize(list(_parity.PROBE_TEXTS))
+            feed = {k: v.numpy() for k, v in batch.items()}
+            ranked = rank_sensitivity(fp32_path, defaults, feed)
+        if len(excluded) >= len(ranked) // 2:
+            return measured, quant  # more than half in float: not an int8 graph any more
+        excluded = ranked[: max(1, 2 * len(excluded))]
+
+
+def _describe(measured: _parity.Measured) -> str:
+    return "; ".join(
+        f"{c.name} = {c.value:.6g} {'<' if c.higher_is_better else '>'} threshold {c.threshold}"
+        for c in measured.failed
+        if not c.name.startswith("batch_")
+    )
+
+
+def _raise_on_failure(measured: _parity.Measured) -> None:
+    # A batch-dependent int8 graph is served one text at a time (QuantizationSpec), so that
+    # figure is recorded, not fatal.
+    if [c for c in measured.failed if not c.name.startswith("batch_")]:
+        raise ParityError(
+            f"parity gate failed: {_describe(measured)}. Nothing was written. Loosen the "
+            "threshold only if the figure is acceptable for your task (ParityThresholds)."
+        )
+
+
+def _versions() -> dict[str, str]:
+    import optimum.version
+    import peft
+
+    return {
+        "edgeperso": edgeperso.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "optimum": optimum.version.__version__,
+        "peft": peft.__version__,
+    }
