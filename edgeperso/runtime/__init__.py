@@ -1,0 +1,14 @@
+"""Personalized inference and on-device training over a bundle and an encrypted store."""
+
+from edgeperso.runtime._personalizer import Personalizer, Prediction
+from edgeperso.runtime._session import SessionOptions
+from edgeperso.runtime._trainer import TrainConfig, TrainProgress, TrainResult
+
+__all__ = [
+    "Personalizer",
+    "Prediction",
+    "SessionOptions",
+    "TrainConfig",
+    "TrainProgress",
+    "TrainResult",
+]

@@ -1,0 +1,63 @@
+"""The one place where onnxruntime sessions are created and fed.
+
+One inference session serves every user: a user's adapter travels in the feeds of each run,
+so it never touches disk in plaintext and no session holds user state between runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeperso._errors import InvalidInputError
+
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionOptions:
+    """Passed through to onnxruntime. `None` keeps onnxruntime's own default."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.providers:
+            raise InvalidInputError("providers must name at least one execution provider")
+        unknown = [p for p in self.providers if p not in ort.get_available_providers()]
+        if unknown:
+            raise InvalidInputError(
+                f"execution providers {unknown} are not available in this onnxruntime build; "
+                f"available: {ort.get_available_providers()}"
+            )
+        for name in ("intra_op_threads", "inter_op_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InvalidInputError(f"{name} must be >= 1 or None")
+
+
+class Graph:
+    """An onnxruntime session over one verified bundle graph."""
+
+    def __init__(self, path: Path, options: SessionOptions) -> None:
+        so = ort.SessionOptions()
+        # Slots are initializers that are also inputs; onnxruntime warns about each of them.
+        so.log_severity_level = 3
+        if options.intra_op_threads is not None:
+            so.intra_op_num_threads = options.intra_op_threads
+        if options.inter_op_threads is not None:
+            so.inter_op_num_threads = options.inter_op_threads
+        self._session = ort.InferenceSession(str(path), so, providers=list(options.providers))
+        # Overridable initializers (slots, head, history) are not in get_inputs().
+        overridable = self._session.get_overridable_initializers()
+        self.inputs = frozenset(i.name for i in [*self._session.get_inputs(), *overridable])
+        self.outputs = tuple(o.name for o in self._session.get_outputs())
+
+    def run(self, outputs: Sequence[str], feeds: Feeds) -> list[np.ndarray]:
+        fed = {k: v for k, v in feeds.items() if k in self.inputs}
+        return list(self._session.run(list(outputs), fed))

@@ -1,0 +1,202 @@
+"""On-device training of a user's parameters: the bundle's train-step graph + numpy AdamW.
+
+The graph returns the loss and one gradient per parameter; the optimizer, clipping and
+schedule run here. Only user-level parameters move; persona and global ones are fed as they
+are, and a Ditto term pulls the user's deltas toward zero (toward the shared model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+
+from edgeperso._errors import InvalidInputError
+
+Params = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How a user's parameters are trained. Budgets stop training early; the best epoch on
+    the held-out slice is kept either way."""
+
+    epochs: int = 10
+    learning_rate: float = 5e-2
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1  # linear warm-up, then cosine decay to zero
+    max_grad_norm: float = 1.0  # global-norm clipping
+    prox_weight: float = 1e-3  # Ditto: pull toward the persona/global model
+    holdout_fraction: float = 0.2  # picks the stopping epoch and guards against regressions
+    class_weighting: bool = True  # inverse-frequency weights for imbalanced labels
+    max_seconds: float | None = 60.0
+    max_steps: int | None = None
+    max_examples: int | None = 5000  # the most recent ones are used
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "learning_rate", "max_grad_norm")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise InvalidInputError(f"TrainConfig.{name} must be > 0")
+        if self.weight_decay < 0 or self.prox_weight < 0:
+            raise InvalidInputError("TrainConfig.weight_decay and prox_weight must be >= 0")
+        if not 0 <= self.warmup_fraction < 1:
+            raise InvalidInputError("TrainConfig.warmup_fraction must be in [0, 1)")
+        if not 0 < self.holdout_fraction < 1:
+            raise InvalidInputError("TrainConfig.holdout_fraction must be in (0, 1)")
+        for name in ("max_seconds", "max_steps", "max_examples"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise InvalidInputError(f"TrainConfig.{name} must be > 0 or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgress:
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    elapsed_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a train() call did. `kept` is "personal" only when the trained parameters beat
+    the shared model on the user's held-out slice; otherwise the user keeps the shared model
+    and `reason` says why."""
+
+    kept: Literal["personal", "global"]
+    reason: str
+    metric: Literal["macro_f1", "mae"]
+    global_score: float
+    personal_score: float
+    examples: int
+    holdout: int
+    steps: int
+    epochs: float
+    seconds: float
+    stopped: Literal["completed", "max_seconds", "max_steps", "cancelled"]
+    truncated_texts: int
+    resumed_from_step: int
+    adapter_bytes: int
+
+
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as torch.optim.AdamW."""
+
+    def __init__(self, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        self.weight_decay = weight_decay
+        self.b1, self.b2 = betas
+        self.eps = 1e-8
+        self.t = 0
+        self.m: Params = {}
+        self.v: Params = {}
+
+    def step(self, params: Params, grads: Mapping[str, np.ndarray], lr: float) -> None:
+        self.t += 1
+        c1 = 1 - self.b1**self.t
+        c2 = 1 - self.b2**self.t
+        for name, g in grads.items():
+            p = params[name]
+            m = self.m.setdefault(name, np.zeros_like(p))
+            v = self.v.setdefault(name, np.zeros_like(p))
+            m *= self.b1
+            m += (1 - self.b1) * g
+            v *= self.b2
+            v += (1 - self.b2) * g * g
+            p *= 1 - lr * self.weight_decay
+            p -= lr * (m / c1) / (np.sqrt(v / c2) + self.eps)
+
+    def state(self) -> Params:
+        out = {f"m.{k}": v for k, v in self.m.items()} | {f"v.{k}": v for k, v in self.v.items()}
+        return out | {"t": np.array(self.t, np.int64)}
+
+    def load(self, state: Mapping[str, np.ndarray]) -> None:
+        self.t = int(state["t"])
+        self.m = {k[2:]: np.array(v) for k, v in state.items() if k.startswith("m.")}
+        self.v = {k[2:]: np.array(v) for k, v in state.items() if k.startswith("v.")}
+
+
+def clip_by_global_norm(grads: Params, max_norm: float) -> float:
+    norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+    if norm > max_norm:
+        scale = max_norm / (norm + 1e-12)
+        for g in grads.values():
+            g *= scale
+    return norm
+
+
+def learning_rate(config: TrainConfig, step: int, total: int) -> float:
+    warmup = max(1, int(config.warmup_fraction * total))
+    if step < warmup:
+        return config.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def split_holdout(
+    labels: Sequence[int] | None, n: int, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train / held-out indices; stratified by class when labels are given, so that a rare
+    class is represented in both when it has two examples or more."""
+    order = rng.permutation(n)
+    if labels is None:
+        k = max(1, round(fraction * n))
+        return np.sort(order[k:]), np.sort(order[:k])
+    held: list[int] = []
+    for cls in sorted(set(labels)):
+        members = [i for i in order if labels[i] == cls]
+        if len(members) >= 2:
+            held += members[: max(1, round(fraction * len(members)))]
+    held_set = set(held)
+    train = [i for i in range(n) if i not in held_set]
+    return np.array(train, np.int64), np.array(sorted(held), np.int64)
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro-F1 over the classes present in truth or prediction (as scikit-learn does)."""
+    classes = np.union1d(y_true, y_pred)
+    scores = []
+    for c in classes:
+        tp = float(np.sum((y_true == c) & (y_pred == c)))
+        fp = float(np.sum((y_true != c) & (y_pred == c)))
+        fn = float(np.sum((y_true == c) & (y_pred != c)))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def class_weights(labels: np.ndarray, n_classes: int, enabled: bool) -> np.ndarray:
+    if not enabled:
+        return np.ones(n_classes, np.float32)
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    present = max(1, int((counts > 0).sum()))
+    weights = np.where(counts > 0, len(labels) / (present * np.maximum(counts, 1)), 0.0)
+    return weights.astype(np.float32)
+
+
+class Budget:
+    """Wall-clock, step and cancellation limits, checked once per step."""
+
+    def __init__(
+        self, config: TrainConfig, cancel: Callable[[], bool] | None, clock_start: float
+    ) -> None:
+        self.config = config
+        self.cancel = cancel
+        self.start = clock_start
+
+    def stop_reason(
+        self, step: int
+    ) -> Literal["completed", "max_seconds", "max_steps", "cancelled"] | None:
+        if self.cancel is not None and self.cancel():
+            return "cancelled"
+        if self.config.max_steps is not None and step >= self.config.max_steps:
+            return "max_steps"
+        limit = self.config.max_seconds
+        if limit is not None and time.perf_counter() - self.start >= limit:
+            return "max_seconds"
+        return None
