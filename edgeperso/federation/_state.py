@@ -1,0 +1,74 @@
+"""Where the federation client keeps its credential and an unfinished round between restarts.
+
+Values include secret keys and the device's update, so a real app backs this with the
+encrypted store. `MemoryStateStore` and `DirectoryStateStore` are for tests and tools: they do
+not encrypt.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Protocol
+
+from edgeperso._errors import InvalidInputError
+
+_KEY = re.compile(r"^[a-z0-9_.-]{1,64}$")
+
+
+class StateStore(Protocol):
+    """Bytes by key; `put` must be atomic (a reader sees the old or the new value)."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+class MemoryStateStore:
+    """A dict: state lives as long as the object (tests)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        return self._values.get(key)
+
+    def put(self, key: str, value: bytes) -> None:
+        self._values[key] = bytes(value)
+
+    def delete(self, key: str) -> None:
+        self._values.pop(key, None)
+
+
+class DirectoryStateStore:
+    """One file per key in a directory, replaced atomically; unencrypted (tests, tools)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self._directory = Path(directory)
+        self._directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        if not _KEY.match(key):
+            raise InvalidInputError(f"state key {key!r} must match {_KEY.pattern}")
+        return self._directory / key
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, value: bytes) -> None:
+        path = self._path(key)
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "wb") as file:
+            file.write(value)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)

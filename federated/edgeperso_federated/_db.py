@@ -1,0 +1,135 @@
+"""The coordinator's state: SQLAlchemy Core tables on SQLite (default) or PostgreSQL.
+
+Everything a round needs to resume after a restart is here. Individual contributions are
+stored only as masked uploads (secure rounds) and are deleted when their round ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+metadata = sa.MetaData()
+
+apps = sa.Table(
+    "apps",
+    metadata,
+    sa.Column("app_id", sa.String(64), primary_key=True),
+    sa.Column("enrolment_key_hash", sa.String(64), nullable=False),
+    sa.Column("epsilon_budget", sa.Float, nullable=True),
+    sa.Column("delta", sa.Float, nullable=False),
+)
+
+devices = sa.Table(
+    "devices",
+    metadata,
+    sa.Column("device_id", sa.String(32), primary_key=True),
+    sa.Column("app_id", sa.String(64), sa.ForeignKey("apps.app_id"), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("app_id", sa.String(64), sa.ForeignKey("apps.app_id"), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("layout", sa.Text, nullable=False),  # JSON: params, num_personas, summary_dim
+    sa.Column("tensors", sa.LargeBinary, nullable=False),  # safetensors
+    sa.Column("round_id", sa.String(32), nullable=True),  # the round that produced it
+)
+
+rounds = sa.Table(
+    "rounds",
+    metadata,
+    sa.Column("round_id", sa.String(32), primary_key=True),
+    sa.Column("app_id", sa.String(64), sa.ForeignKey("apps.app_id"), nullable=False),
+    sa.Column("config", sa.Text, nullable=False),  # JSON RoundConfig
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("stage_deadline", sa.Float, nullable=False),
+    sa.Column("cohort", sa.Integer, nullable=True),  # devices that joined
+    sa.Column("neighbours", sa.Integer, nullable=True),
+    sa.Column("threshold", sa.Integer, nullable=True),
+    sa.Column("graph_seed", sa.BigInteger, nullable=True),
+    sa.Column("published_version", sa.Integer, nullable=True),
+    sa.Column("reason", sa.Text, nullable=True),  # why it aborted
+    sa.Column("created", sa.Float, nullable=False),
+)
+
+participants = sa.Table(
+    "participants",
+    metadata,
+    sa.Column("round_id", sa.String(32), sa.ForeignKey("rounds.round_id"), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True),
+    sa.Column("device_id", sa.String(32), nullable=False),
+    sa.Column("c_pk", sa.LargeBinary, nullable=True),
+    sa.Column("s_pk", sa.LargeBinary, nullable=True),
+    # Digests of what each stage received: an identical retry is accepted, a different
+    # second submission is a replay and is refused.
+    sa.Column("join_digest", sa.String(64), nullable=False),
+    sa.Column("shares_digest", sa.String(64), nullable=True),
+    sa.Column("upload_digest", sa.String(64), nullable=True),
+    sa.Column("reveal_digest", sa.String(64), nullable=True),
+    sa.UniqueConstraint("round_id", "device_id"),
+)
+
+shares = sa.Table(
+    "shares",
+    metadata,
+    sa.Column("round_id", sa.String(32), primary_key=True),
+    sa.Column("sender", sa.Integer, primary_key=True),
+    sa.Column("recipient", sa.Integer, primary_key=True),
+    sa.Column("sealed", sa.LargeBinary, nullable=False),  # AES-GCM: only the recipient opens it
+    sa.Index("ix_shares_recipient", "round_id", "recipient"),
+)
+
+uploads = sa.Table(
+    "uploads",
+    metadata,
+    sa.Column("round_id", sa.String(32), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True),
+    sa.Column("vector", sa.LargeBinary, nullable=False),  # masked uint32 (secure) or float32
+)
+
+reveals = sa.Table(
+    "reveals",
+    metadata,
+    sa.Column("round_id", sa.String(32), primary_key=True),
+    sa.Column("sender", sa.Integer, primary_key=True),
+    sa.Column("of_idx", sa.Integer, primary_key=True),
+    sa.Column("kind", sa.String(1), nullable=False),  # "b": self-mask seed, "s": mask key
+    sa.Column("share", sa.LargeBinary, nullable=False),
+)
+
+privacy = sa.Table(
+    "privacy",
+    metadata,
+    sa.Column("round_id", sa.String(32), primary_key=True),
+    sa.Column("app_id", sa.String(64), nullable=False),
+    sa.Column("noise_multiplier", sa.Float, nullable=False),
+    sa.Column("sampling_probability", sa.Float, nullable=False),
+    sa.Column("epsilon", sa.Float, nullable=False),  # cumulative, after this round
+    sa.Column("delta", sa.Float, nullable=False),
+)
+
+
+def connect(url: str, *, sqlite_synchronous: str = "NORMAL") -> sa.Engine:
+    """An engine with the tables created; SQLite in WAL mode with foreign keys on."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    engine = sa.create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(connection: Any, _record: Any) -> None:
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process; FULL also survives power loss.
+            cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+    metadata.create_all(engine)
+    return engine

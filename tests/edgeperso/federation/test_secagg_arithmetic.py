@@ -1,0 +1,150 @@
+"""Secure-aggregation arithmetic and the device state machine, without a network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeperso import IntegrityError, InvalidInputError, TamperedError
+from edgeperso.federation import secagg_params
+from edgeperso.federation._protocol import SecAggClient, unmask_sum
+from edgeperso.federation._secagg import (
+    decode_fixed_point,
+    encode_fixed_point,
+    fixed_point_scale,
+    neighbours_of,
+    shamir_combine,
+    shamir_split,
+)
+
+
+@given(st.binary(min_size=32, max_size=32), st.integers(2, 12), st.data())
+@settings(max_examples=40, deadline=None)
+def test_any_threshold_many_shamir_shares_recover_the_secret(
+    secret: bytes, n: int, data: st.DataObject
+) -> None:
+    t = data.draw(st.integers(1, n))
+    shares = shamir_split(secret, list(range(1, n + 1)), t)
+    chosen = data.draw(
+        st.lists(st.sampled_from(sorted(shares)), min_size=t, max_size=n, unique=True)
+    )
+    assert shamir_combine({x: shares[x] for x in chosen}, t) == secret
+
+
+def test_fewer_than_threshold_shares_are_refused() -> None:
+    shares = shamir_split(bytes(32), [1, 2, 3], 3)
+    with pytest.raises(InvalidInputError):
+        shamir_combine({1: shares[1], 2: shares[2]}, 3)
+
+
+@given(st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=50), st.integers(1, 1000))
+def test_fixed_point_sums_of_bounded_values_decode_within_rounding(
+    values: list[float], n: int
+) -> None:
+    scale = fixed_point_scale(n, 1.0)
+    x = np.array(values)
+    total = np.zeros(len(values), np.uint32)
+    for _ in range(min(n, 20)):
+        total += encode_fixed_point(x, scale)
+    np.testing.assert_allclose(
+        decode_fixed_point(total, scale), min(n, 20) * x, atol=min(n, 20) / scale
+    )
+
+
+def test_nan_cannot_be_encoded() -> None:
+    with pytest.raises(InvalidInputError):
+        encode_fixed_point(np.array([np.nan]), 1024.0)
+
+
+@pytest.mark.parametrize(
+    ("cohort", "dropout"), [(100, 0.05), (100, 0.10), (1000, 0.05), (1000, 0.10)]
+)
+def test_secagg_plus_neighbourhoods_are_logarithmic_with_a_majority_threshold(
+    cohort: int, dropout: float
+) -> None:
+    params = secagg_params(cohort, dropout)
+    assert params.neighbours < cohort - 1  # a sparse graph, not everyone with everyone
+    assert params.neighbours <= 6 * np.log2(cohort)
+    assert params.threshold > params.neighbours / 2
+    # Flower's example (3 shares, threshold 2) fails when 2 ring neighbours drop; ours tolerates
+    # k - t simultaneous drops among any device's neighbours.
+    assert params.neighbours - params.threshold >= 8
+
+
+def test_neighbour_relation_is_symmetric_and_regular() -> None:
+    n, k, seed = 60, 10, 7
+    graph = {u: set(neighbours_of(u, n, k, seed)) for u in range(1, n + 1)}
+    assert all(len(v) == k for v in graph.values())
+    assert all(u in graph[v] for u, vs in graph.items() for v in vs)
+
+
+def _run_round(cohort: int, dropout: float, drop_stage: str, length: int = 257):
+    """Every device runs the real state machine; the coordinator's part is inlined here."""
+    rng = np.random.default_rng(cohort)
+    params = secagg_params(cohort, dropout)
+    rid, seed = "round-x", 99
+    scale = fixed_point_scale(cohort, 1.0)
+    inputs = {u: rng.uniform(-1, 1, length) for u in range(1, cohort + 1)}
+    devices = {u: SecAggClient.start(rid) for u in inputs}
+    dropped = set(rng.choice(sorted(inputs), size=round(dropout * cohort), replace=False).tolist())
+    keys = {u: (d.c_pk, d.s_pk) for u, d in devices.items()}
+    sealed: dict[int, dict[int, bytes]] = {}
+    u2 = set(inputs) - (dropped if drop_stage == "share_keys" else set())
+    for u in u2:
+        around = neighbours_of(u, cohort, params.neighbours, seed)
+        out = devices[u].share_keys(u, {v: keys[v] for v in around}, params.threshold)
+        for v, c in out.items():
+            sealed.setdefault(v, {})[u] = c
+    u3 = u2 - dropped
+    masked = {}
+    for u in u3:
+        state = SecAggClient.from_bytes(devices[u].to_bytes())  # survives an app restart
+        masked[u] = state.masked_input(encode_fixed_point(inputs[u], scale), sealed.get(u, {}))
+        devices[u] = state
+    b_shares: dict[int, dict[int, bytes]] = {u: {} for u in u3}
+    s_shares: dict[int, dict[int, bytes]] = {}
+    for v in u3:
+        for owner, kind, share in devices[v].reveal(sorted(u3)):
+            (b_shares if kind == "b" else s_shares).setdefault(owner, {})[v] = share
+    masked_with = {u: [v for v in sealed_to(sealed, u) if v in u3] for u in u2 - u3}
+    total = np.zeros(length, np.uint32)
+    for y in masked.values():
+        total += y
+    ring = unmask_sum(
+        rid,
+        total,
+        [shamir_combine(b_shares[u], params.threshold) for u in u3],
+        {u: shamir_combine(s_shares[u], params.threshold) for u in masked_with if masked_with[u]},
+        {u: keys[u][1] for u in inputs},
+        {u: vs for u, vs in masked_with.items() if vs},
+    )
+    expected = sum(inputs[u] for u in u3)
+    return decode_fixed_point(ring, scale), expected, scale, len(u3)
+
+
+def sealed_to(sealed: dict[int, dict[int, bytes]], sender: int) -> list[int]:
+    return [v for v, inbox in sealed.items() if sender in inbox]
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.10])
+@pytest.mark.parametrize("drop_stage", ["share_keys", "masked_input"])
+def test_dropouts_leave_the_exact_sum_of_survivors(dropout: float, drop_stage: str) -> None:
+    decoded, expected, scale, survivors = _run_round(100, dropout, drop_stage)
+    np.testing.assert_allclose(decoded, expected, atol=survivors / scale)
+
+
+def test_a_tampered_share_is_detected() -> None:
+    a, b = SecAggClient.start("r"), SecAggClient.start("r")
+    sealed = a.share_keys(1, {2: (b.c_pk, b.s_pk)}, 1)
+    b.share_keys(2, {1: (a.c_pk, a.s_pk)}, 1)
+    corrupted = bytes([sealed[2][0] ^ 1]) + sealed[2][1:]
+    with pytest.raises(TamperedError):
+        b.masked_input(np.zeros(4, np.uint32), {1: corrupted})
+
+
+def test_a_device_refuses_duplicate_neighbour_keys() -> None:
+    a, b = SecAggClient.start("r"), SecAggClient.start("r")
+    with pytest.raises(IntegrityError):
+        a.share_keys(1, {2: (b.c_pk, b.s_pk), 3: (b.c_pk, b.s_pk)}, 2)

@@ -1,0 +1,204 @@
+"""Shared helpers of the federated suite: a model, deterministic devices, a live coordinator."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from edgeperso.federation import FederatedParam, PersonaLayout, RoundTask
+from edgeperso.federation._layout import persona_key
+from edgeperso.federation._update import build_contribution
+from edgeperso.federation._wire import encode_tensors
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+LAYOUT = PersonaLayout(
+    (
+        FederatedParam("head_bias", (4,), "global"),
+        FederatedParam("shared_lora_a", (6, 2), "global", trainable=False),
+        FederatedParam("shared_lora_b", (2, 5), "global"),
+        FederatedParam("persona_head", (3, 4), "persona"),
+    ),
+    num_personas=3,
+    summary_dim=4,
+)
+CENTROIDS = np.array([[3, 0, 0, 0], [0, 3, 0, 0], [0, 0, 3, 0]], dtype=np.float32)
+# Strings that stand for a user's raw text and labels: they must never reach the coordinator.
+RAW_TEXT = "my secret diary entry about Zanzibar"
+LABEL = "label:very-private-emotion"
+
+
+def initial_model(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    model: dict[str, np.ndarray] = {}
+    for p in LAYOUT.params:
+        if p.level == "global":
+            model[p.name] = rng.normal(size=p.shape).astype(np.float32)
+        else:
+            for k in range(LAYOUT.num_personas):
+                model[persona_key(k, p.name)] = rng.normal(size=p.shape).astype(np.float32)
+    model["centroids"] = CENTROIDS.copy()
+    return model
+
+
+def model_payload(model: dict[str, np.ndarray] | None = None) -> bytes:
+    return encode_tensors(model or initial_model(), {"layout": json.dumps(LAYOUT.to_json())})
+
+
+def device_data(seed: int) -> dict[str, Any]:
+    """A device's local result: its persona-ish summary and the training step it took.
+
+    The raw text and label exist on the device (they drive the fake training) and must not
+    leave it."""
+    rng = np.random.default_rng(1000 + seed)
+    persona = seed % LAYOUT.num_personas
+    summary = CENTROIDS[persona] + rng.normal(scale=0.1, size=4)
+    text_signal = sum(map(ord, RAW_TEXT + LABEL)) % 7
+    steps = {
+        p.name: rng.normal(scale=0.05, size=p.shape) * (1 + text_signal / 10)
+        for p in LAYOUT.params
+        if p.trainable
+    }
+    return {"summary": summary, "steps": steps, "examples": 10 + seed}
+
+
+def local_update(task: RoundTask, seed: int) -> dict[str, Any]:
+    data = device_data(seed)
+    before = task.params_for(task.persona_for(data["summary"]))
+    after = {k: v + data["steps"][k] if k in data["steps"] else v for k, v in before.items()}
+    return {
+        "before": before,
+        "after": after,
+        "summary": data["summary"],
+        "num_examples": data["examples"],
+    }
+
+
+def contribution(task: RoundTask, seed: int) -> np.ndarray:
+    update = local_update(task, seed)
+    vector, _ = build_contribution(
+        task, update["before"], update["after"], update["summary"], update["num_examples"]
+    )
+    return vector
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
+    """Poll `predicate` until truthy (bounded); the suite never sleeps blindly."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@dataclass
+class Server:
+    """`edgeperso-coordinator serve` in a subprocess on a loopback port."""
+
+    database_url: str
+    log_path: Path
+    port: int = 0
+    extra_args: tuple[str, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        self.port = self.port or free_port()
+        env = {**os.environ, "EDGEPERSO_ADMIN_TOKEN": ADMIN_TOKEN}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "edgeperso_federated._cli",
+                "serve",
+                "--database-url",
+                self.database_url,
+                "--port",
+                str(self.port),
+                "--tick-s",
+                "0.05",
+                *self.extra_args,
+            ],
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        try:
+            wait_until(self._ready, 30, "the coordinator to accept connections")
+        except AssertionError:
+            self.kill()  # never leave a half-started coordinator behind
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process is not None and self.process.poll() is None, "coordinator exited"
+        try:
+            return httpx.get(self.url + "/openapi.json", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
+        )
+
+
+def new_app(server: Server, app_id: str, **app: Any) -> str:
+    with server.admin() as admin:
+        response = admin.post("/v1/admin/apps", json={"app_id": app_id, **app})
+        assert response.status_code == 201, response.text
+        key = str(response.json()["enrolment_key"])
+        put = admin.put(f"/v1/admin/apps/{app_id}/models/0", content=model_payload())
+        assert put.status_code == 204, put.text
+    return key
+
+
+def open_round(server: Server, app_id: str, **config: Any) -> str:
+    body = {"app_id": app_id, "model_version": 0, **config}
+    with server.admin() as admin:
+        response = admin.post("/v1/admin/rounds", json=body)
+        assert response.status_code == 201, response.text
+        return str(response.json()["round_id"])
+
+
+def round_stage(server: Server, app_id: str, round_id: str) -> dict[str, Any]:
+    with server.admin() as admin:
+        result: dict[str, Any] = admin.get(f"/v1/admin/apps/{app_id}/rounds/{round_id}").json()
+        return result
+
+
+def find_postgres_bin() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return candidates[-1].parent if candidates else None

@@ -1,0 +1,224 @@
+"""The HTTP API on a live coordinator: authentication, isolation, validation, what is stored."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from _fixtures import (
+    LABEL,
+    LAYOUT,
+    RAW_TEXT,
+    Server,
+    initial_model,
+    local_update,
+    new_app,
+    open_round,
+    round_stage,
+)
+
+from edgeperso.federation import FederationClient, FederationConfig, MemoryStateStore, RoundTask
+from edgeperso.federation._protocol import SecAggClient
+from edgeperso.federation._secagg import encode_fixed_point
+from edgeperso.federation._update import build_contribution
+from edgeperso.federation._wire import decode_tensors, encode_tensors
+
+
+def _device(server: Server, app: str, key: str) -> httpx.Client:
+    credential = httpx.post(
+        f"{server.url}/v1/devices", json={"app_id": app, "enrolment_key": key}
+    ).json()
+    token = f"{credential['device_id']}.{credential['token']}"
+    return httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def test_requests_without_a_valid_credential_are_refused(server: Server) -> None:
+    app = f"app-{uuid.uuid4().hex[:8]}"
+    key = new_app(server, app)
+    assert httpx.get(f"{server.url}/v1/task").status_code == 401
+    assert (
+        httpx.get(f"{server.url}/v1/task", headers={"Authorization": "Bearer x.y"}).status_code
+        == 401
+    )
+    wrong = httpx.post(f"{server.url}/v1/devices", json={"app_id": app, "enrolment_key": key + "x"})
+    assert wrong.status_code == 401
+    with _device(server, app, key) as device:
+        assert device.post("/v1/admin/apps", json={"app_id": "evil"}).status_code == 403
+
+
+def test_a_secure_round_rejects_malformed_late_replayed_and_foreign_uploads_and_still_completes(
+    server: Server,
+) -> None:
+    app, other = f"app-{uuid.uuid4().hex[:8]}", f"app-{uuid.uuid4().hex[:8]}"
+    key, other_key = new_app(server, app), new_app(server, other)
+    rid = open_round(server, app, cohort_size=3, min_survivors=3, stage_timeout_s=30)
+    devices = [_device(server, app, key) for _ in range(3)]
+    outsider = _device(server, other, other_key)
+    task = RoundTask.from_json(devices[0].get("/v1/task").json(), initial_model())
+    base = f"/v1/rounds/{rid}"
+    assert outsider.get(base).status_code == 404  # another app's round does not exist for it
+    assert devices[0].post("/v1/rounds/nope/join", json={}).status_code == 404
+    clients = [SecAggClient.start(rid) for _ in devices]
+    for d, c in zip(devices, clients):
+        assert (
+            d.post(f"{base}/join", json={"c_pk": _b64(c.c_pk), "s_pk": _b64(c.s_pk)}).status_code
+            == 200
+        )
+    # Joining again with other keys is a replay.
+    assert (
+        devices[0]
+        .post(f"{base}/join", json={"c_pk": _b64(b"1" * 32), "s_pk": _b64(b"2" * 32)})
+        .status_code
+        == 409
+    )
+    for d, c in zip(devices, clients):
+        nb = d.get(f"{base}/neighbours").json()
+        peers = {
+            p["index"]: (base64.b64decode(p["c_pk"]), base64.b64decode(p["s_pk"]))
+            for p in nb["neighbours"]
+        }
+        sealed = c.share_keys(nb["index"], peers, nb["threshold"])
+        body = {"shares": [{"to": v, "sealed": _b64(s)} for v, s in sealed.items()]}
+        assert d.post(f"{base}/shares", json=body).status_code == 204
+    vectors = []
+    for seed, (d, c) in enumerate(zip(devices, clients)):
+        update = local_update(task, seed)
+        vector, _ = build_contribution(
+            task, update["before"], update["after"], update["summary"], update["num_examples"]
+        )
+        vectors.append(vector)
+        inbox = {
+            s["from"]: base64.b64decode(s["sealed"])
+            for s in d.get(f"{base}/inbox").json()["shares"]
+        }
+        masked = c.masked_input(encode_fixed_point(vector, task.fixed_point_scale), inbox)
+        octet = {"Content-Type": "application/octet-stream"}
+        bad = [
+            encode_tensors({"masked": masked.astype(np.float32)}),  # wrong dtype
+            encode_tensors({"masked": masked[:-1]}),  # wrong shape
+            encode_tensors({"other": masked}),  # wrong name
+            b"\x00" * 7,  # not safetensors
+        ]
+        for payload in bad:
+            response = d.put(f"{base}/masked", content=payload, headers=octet)
+            assert response.status_code == 422, response.text
+            assert response.json()["error"] == "invalid_input"
+        assert d.put(f"{base}/masked", content=b"\x00" * 300_000, headers=octet).status_code == 413
+        good = encode_tensors({"masked": masked})
+        if seed == 0:
+            assert d.put(f"{base}/masked", content=good, headers=octet).status_code == 204
+            assert d.put(f"{base}/masked", content=good, headers=octet).status_code == 204  # retry
+            replay = encode_tensors({"masked": masked + np.uint32(1)})
+            assert d.put(f"{base}/masked", content=replay, headers=octet).status_code == 409
+        else:
+            assert d.put(f"{base}/masked", content=good, headers=octet).status_code == 204
+        assert outsider.put(f"{base}/masked", content=good, headers=octet).status_code == 404
+    for d, c in zip(devices, clients):
+        survivors = d.get(f"{base}/survivors").json()["survivors"]
+        shares = [{"of": o, "kind": k, "share": _b64(s)} for o, k, s in c.reveal(survivors)]
+        assert d.post(f"{base}/reveal", json={"shares": shares}).status_code == 204
+    assert round_stage(server, app, rid)["stage"] == "published"
+    late = devices[0].put(
+        f"{base}/masked", content=encode_tensors({"masked": masked}), headers=octet
+    )
+    assert late.status_code == 409 and "late" in late.json()["detail"]
+    # Nothing was half-applied: the published model is the mean of the three good uploads.
+    published, _ = decode_tensors(devices[0].get("/v1/models/1").content)
+    global_sum = np.sum(vectors, axis=0)[:4]
+    np.testing.assert_allclose(
+        published["head_bias"], initial_model()["head_bias"] + global_sum / 3, atol=1e-5
+    )
+    _assert_nothing_individual_is_stored(server, task, vectors)
+
+
+def _assert_nothing_individual_is_stored(
+    server: Server, task: RoundTask, vectors: list[np.ndarray]
+) -> None:
+    """Scan the database files and the coordinator's log for any individual update, text or label."""
+    db_path = Path(server.database_url.removeprefix("sqlite:///"))
+    stored = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    stored += server.log_path.read_bytes()
+    for vector in vectors:
+        for encoded in (
+            encode_fixed_point(vector, task.fixed_point_scale).tobytes(),
+            vector.astype(np.float32).tobytes(),
+            vector.tobytes(),
+        ):
+            nonzero = encoded[: 4 * LAYOUT.global_size]  # the global block is never all zero
+            assert nonzero not in stored
+    for secret in (RAW_TEXT, LABEL):
+        assert secret.encode() not in stored
+
+
+def test_plain_rounds_reject_nan_and_updates_outside_one_persona_block(server: Server) -> None:
+    app = f"app-{uuid.uuid4().hex[:8]}"
+    key = new_app(server, app)
+    rid = open_round(server, app, cohort_size=2, min_survivors=2, secure=False, join_timeout_s=60)
+    device = _device(server, app, key)
+    assert device.post(f"/v1/rounds/{rid}/join", json={}).status_code == 200
+    assert _device(server, app, key).post(f"/v1/rounds/{rid}/join", json={}).status_code == 200
+    octet = {"Content-Type": "application/octet-stream"}
+    nan = np.zeros(LAYOUT.length, np.float32)
+    nan[0] = np.nan
+    two_blocks = np.ones(LAYOUT.length, np.float32) * 0.01
+    for payload in (nan, two_blocks):
+        response = device.put(
+            f"/v1/rounds/{rid}/update", content=encode_tensors({"update": payload}), headers=octet
+        )
+        assert response.status_code == 422, response.text
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.10])
+def test_dropout_of_5_and_10_percent_still_publishes(server: Server, dropout: float) -> None:
+    """20 devices over real HTTP; the dropped ones stop after sharing their keys."""
+    app = f"app-{uuid.uuid4().hex[:8]}"
+    key = new_app(server, app)
+    cohort = 20
+    rid = open_round(
+        server, app, cohort_size=cohort, min_survivors=15, stage_timeout_s=3, target_dropout=dropout
+    )
+    dropped = set(range(round(dropout * cohort)))
+    outcomes: dict[int, str] = {}
+
+    class StopAfterShares(MemoryStateStore):
+        def put(self, k: str, value: bytes) -> None:
+            super().put(k, value)
+            if (
+                k == "federation.round"
+                and "shares" in json.loads(decode_tensors(value)[1]["record"])["sent"]
+            ):
+                raise SystemExit  # the app dies: nothing more is sent
+
+    def run(seed: int) -> None:
+        state = StopAfterShares() if seed in dropped else MemoryStateStore()
+        config = FederationConfig(server.url, app, key, opt_in=True, backoff_s=0.1)
+        with FederationClient(config, state) as client:
+            task = client.check_in()
+            assert task is not None
+            try:
+                outcomes[seed] = client.contribute(
+                    task, **local_update(task, seed), timeout_s=60
+                ).status
+            except SystemExit:
+                outcomes[seed] = "died"
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in range(cohort)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert [outcomes[s] for s in sorted(dropped)] == ["died"] * len(dropped)
+    assert {outcomes[s] for s in range(cohort) if s not in dropped} == {"published"}
+    assert round_stage(server, app, rid)["stage"] == "published"

@@ -1,0 +1,163 @@
+"""The coordinator's round logic in-process (no HTTP): personas, DP, robust aggregation."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from _fixtures import ADMIN_TOKEN, LAYOUT, contribution, initial_model, model_payload
+from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+from dp_accounting.rdp import RdpAccountant
+from edgeperso_federated import Coordinator, CoordinatorConfig, RoundConfig
+from edgeperso_federated._rounds import Device
+
+from edgeperso import BudgetExhaustedError
+from edgeperso.federation import RoundTask
+from edgeperso.federation._layout import persona_key
+from edgeperso.federation._protocol import SecAggClient
+from edgeperso.federation._secagg import encode_fixed_point
+from edgeperso.federation._wire import decode_tensors, encode_tensors
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Coordinator:
+    config = CoordinatorConfig(
+        admin_token=ADMIN_TOKEN, database_url=f"sqlite:///{tmp_path / 'c.db'}"
+    )
+    return Coordinator(config)
+
+
+def _app(coord: Coordinator, **app: Any) -> tuple[str, str]:
+    app_id = f"app-{uuid.uuid4().hex[:6]}"
+    key = coord.create_app(app_id, app.get("epsilon_budget"), app.get("delta", 1e-5))
+    coord.put_model(app_id, 0, model_payload())
+    return app_id, key
+
+
+def _drive(
+    coord: Coordinator, app_id: str, key: str, vectors: list[np.ndarray], task: dict[str, Any]
+) -> dict[str, Any]:
+    """Devices join, and run every stage through the coordinator's methods."""
+    rid = task["round_id"]
+    devices = [Device(coord.enrol(app_id, key)[0], app_id) for _ in vectors]
+    if not task["secure"]:
+        for d in devices:
+            coord.join(rid, d, None, None)
+        for d, v in zip(devices, vectors):
+            coord.submit_upload(rid, d, encode_tensors({"update": v.astype(np.float32)}))
+        return coord.status(rid, app_id)
+    clients = [SecAggClient.start(rid) for _ in devices]
+    for d, c in zip(devices, clients):
+        coord.join(rid, d, c.c_pk, c.s_pk)
+    for d, c in zip(devices, clients):
+        nb = coord.neighbours(rid, d)
+        peers = {p["index"]: (p["c_pk"], p["s_pk"]) for p in nb["neighbours"]}
+        coord.submit_shares(rid, d, c.share_keys(nb["index"], peers, nb["threshold"]))
+    for d, c, v in zip(devices, clients, vectors):
+        inbox = {s["from"]: s["sealed"] for s in coord.inbox(rid, d)}
+        masked = c.masked_input(encode_fixed_point(v, task["fixed_point_scale"]), inbox)
+        coord.submit_upload(rid, d, encode_tensors({"masked": masked}))
+    for d, c in zip(devices, clients):
+        coord.submit_reveal(rid, d, c.reveal(coord.survivors(rid, d)))
+    return coord.status(rid, app_id)
+
+
+def _round(
+    coord: Coordinator, app_id: str, n: int, **config: Any
+) -> tuple[dict[str, Any], RoundTask]:
+    coord.create_round(
+        RoundConfig(app_id=app_id, model_version=0, cohort_size=n, min_survivors=2, **config)
+    )
+    task = coord.task(app_id)
+    assert task is not None
+    return task, RoundTask.from_json(task, initial_model())
+
+
+def test_persona_sums_and_counts_match_a_plain_computation(coordinator: Coordinator) -> None:
+    app_id, key = _app(coordinator)
+    task_json, task = _round(coordinator, app_id, 7)
+    vectors = [contribution(task, seed) for seed in range(7)]
+    status = _drive(coordinator, app_id, key, vectors, task_json)
+    assert status["stage"] == "published"
+    model, _ = decode_tensors(coordinator.model(app_id, status["published_version"]))
+    _, persona_sums, summaries, weights = LAYOUT.unpack(np.sum(vectors, axis=0))
+    np.testing.assert_array_equal(weights, [3, 2, 2])  # seeds 0..6 mod 3 personas
+    start = initial_model()
+    for p in range(3):
+        np.testing.assert_allclose(
+            model[persona_key(p, "persona_head")],
+            start[persona_key(p, "persona_head")] + (persona_sums[p] / weights[p]).reshape(3, 4),
+            atol=1e-5,
+        )
+        np.testing.assert_allclose(model["centroids"][p], summaries[p] / weights[p], atol=1e-5)
+    # The frozen shared LoRA A is never averaged: it stays bit-identical.
+    np.testing.assert_array_equal(model["shared_lora_a"], start["shared_lora_a"])
+
+
+def test_dp_epsilon_per_round_matches_dp_accounting_and_the_budget_stops_rounds(
+    coordinator: Coordinator,
+) -> None:
+    app_id, key = _app(coordinator, epsilon_budget=2.2, delta=1e-5)
+    z, q = 4.0, 1.0  # four rounds fit (epsilon 1.01, 1.48, 1.85, 2.17), the fifth would not
+    published = 0
+    while True:
+        try:
+            task_json, task = _round(
+                coordinator, app_id, 3, noise_multiplier=z, sampling_probability=q
+            )
+        except BudgetExhaustedError as exc:
+            assert "budget" in str(exc)
+            break
+        vectors = [contribution(task, seed) for seed in range(3)]
+        assert _drive(coordinator, app_id, key, vectors, task_json)["stage"] == "published"
+        published += 1
+        assert published <= 4, "the budget should have stopped the fifth round"
+    ledger = coordinator.privacy_ledger(app_id)
+    assert len(ledger) == published
+    for rounds_so_far, entry in enumerate(ledger, start=1):
+        accountant = RdpAccountant()
+        accountant.compose(
+            SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), rounds_so_far)
+        )
+        assert entry["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert published == 4 and ledger[-1]["epsilon"] <= 2.2
+
+
+def test_a_round_missing_its_minimum_aborts_and_publishes_nothing(coordinator: Coordinator) -> None:
+    app_id, key = _app(coordinator)
+    coordinator.create_round(
+        RoundConfig(
+            app_id=app_id, model_version=0, cohort_size=5, min_survivors=4, join_timeout_s=1
+        )
+    )
+    task = coordinator.task(app_id)
+    assert task is not None
+    device = Device(coordinator.enrol(app_id, key)[0], app_id)
+    client = SecAggClient.start(task["round_id"])
+    coordinator.join(task["round_id"], device, client.c_pk, client.s_pk)
+    coordinator.tick(now=task["stage_deadline"] + 1)
+    status = coordinator.status(task["round_id"], app_id)
+    assert status["stage"] == "aborted" and "joined" in status["reason"]
+    with pytest.raises(Exception, match="no model version 1"):
+        coordinator.model(app_id, 1)
+
+
+def test_trimmed_mean_resists_a_poisoned_update_when_secure_aggregation_is_off(
+    coordinator: Coordinator,
+) -> None:
+    app_id, key = _app(coordinator)
+    task_json, task = _round(
+        coordinator, app_id, 10, secure=False, aggregator="trimmed_mean", trim_fraction=0.2
+    )
+    honest = [contribution(task, 3 * seed) for seed in range(9)]  # all persona 0
+    poisoned = honest[0].copy()
+    poisoned[: LAYOUT.global_size] = 1.0  # norm far above the clip: bounded, then trimmed
+    status = _drive(coordinator, app_id, key, [*honest, poisoned], task_json)
+    model, _ = decode_tensors(coordinator.model(app_id, status["published_version"]))
+    start = initial_model()
+    honest_mean = np.mean([v[:4] for v in honest], axis=0)
+    shift = model["head_bias"] - start["head_bias"]
+    assert np.max(np.abs(shift - honest_mean)) < 0.05
