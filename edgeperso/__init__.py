@@ -18,6 +18,15 @@ from edgeperso._errors import (
     WrongKeyError,
 )
 from edgeperso.bundle import Bundle
+from edgeperso.runtime import (
+    Personalizer,
+    Prediction,
+    SessionOptions,
+    TrainConfig,
+    TrainProgress,
+    TrainResult,
+)
+from edgeperso.store import Example, Feedback, KeyringKey, PassphraseKey, RawKey, Store
 
 __version__ = "0.1.0"
 
@@ -26,13 +35,25 @@ __all__ = [
     "Bundle",
     "BundleIntegrityError",
     "EdgePersoError",
+    "Example",
+    "Feedback",
     "IntegrityError",
     "InvalidInputError",
     "KeyUnavailableError",
+    "KeyringKey",
     "LockedError",
+    "PassphraseKey",
+    "Personalizer",
+    "Prediction",
+    "RawKey",
     "RollbackError",
+    "SessionOptions",
     "StorageError",
+    "Store",
     "TamperedError",
+    "TrainConfig",
+    "TrainProgress",
+    "TrainResult",
     "UnsupportedError",
     "WrongKeyError",
     "__version__",

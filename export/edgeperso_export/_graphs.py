@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ from torch._functorch.aot_autograd import aot_export_module
 
 from edgeperso_export._errors import ExportError
 from edgeperso_export._model import InferModule, PersonalModel, TrainLoss
+from edgeperso_export._quiet import quiet
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +33,6 @@ TRAIN_BATCH = (
 )
 
 
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The dynamo exporter prints its progress to stdout; the CLI draws its own."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
 def export_infer(model: PersonalModel, path: Path, sample: Mapping[str, torch.Tensor]) -> None:
     """Export the fp32 inference graph; every slot is a plain graph input (no default yet)."""
     module = InferModule(model).eval()
@@ -57,7 +47,7 @@ def export_infer(model: PersonalModel, path: Path, sample: Mapping[str, torch.Te
     }
     history = torch.zeros(2, model.hidden)
     args = (sample["input_ids"], sample["attention_mask"], history, torch.zeros(2))
-    with _quiet_exporter():
+    with quiet():
         torch.onnx.export(
             module,
             args,
@@ -132,7 +122,7 @@ class _Joint(nn.Module):
         self, graph: torch.fx.GraphModule, order: list[tuple[str, str]], trainable: list[str]
     ) -> None:
         super().__init__()
-        self.graph = graph
+        self.joint = graph
         self.order = order
         self.trainable = trainable
 
@@ -150,7 +140,7 @@ class _Joint(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         flat = [params[key] if kind == "param" else getattr(self, key) for kind, key in self.order]
         batch = (prefix, attention_mask, history, history_mask, targets, weights, prox_weight)
-        out = self.graph(*flat, *batch, *(refs[name] for name in self.trainable))
+        out = self.joint(*flat, *batch, *(refs[name] for name in self.trainable))
         return tuple(out)
 
 
@@ -193,7 +183,7 @@ def export_train(
         params[name].requires_grad_(True)
     loss_module = TrainLoss(model, trainable).eval()
     refs = [params[n].detach().clone() for n in trainable]
-    with _quiet_exporter():
+    with quiet():
         graph, signature = aot_export_module(
             loss_module, (*batch, *refs), trace_joint=True, output_loss_index=0
         )
@@ -220,7 +210,7 @@ def export_train(
     output_names = ["loss", *(f"grad.{n}" for n in grad_order)]
     values = {n: params[n].detach().clone() for n in trainable}
     ref_values = {n: torch.zeros_like(v) for n, v in values.items()}
-    with _quiet_exporter():
+    with quiet():
         torch.onnx.export(
             joint,
             tuple(batch),

@@ -4,7 +4,7 @@
     h      = Layers[k:](prefix; W + LoRA_user + LoRA_persona + LoRA_global)
     e      = pool(h)                                       text features
     u      = softmax(H e / sqrt(d)) MLP(H) + v_user        Persona-Plug user embedding
-    out    = Head([e ; u]) + b_persona + b_user            logits / score
+    out    = [e ; u] (W_global + W_user) + b + b_persona + b_user   logits / score
     (embedding task: out = normalize?(e))
 
 `k` is the lowest layer that carries an adapter. Everything below it does not depend on any
@@ -211,6 +211,9 @@ class PersonalModel(nn.Module):
                 nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[0]))
         self.head_w = nn.Parameter(torch.empty(hidden + du, output_size))
         nn.init.normal_(self.head_w, std=0.02)
+        # HuBi-style per-user head: the user's own linear read-out of [e ; u], a delta on the
+        # shared head (zero for a new user).
+        self.user_head_w = nn.Parameter(torch.zeros(hidden + du, output_size))
         self.head_b = nn.Parameter(torch.zeros(output_size))
         self.persona_bias = nn.Parameter(torch.zeros(output_size))
         self.user_bias = nn.Parameter(torch.zeros(output_size))
@@ -246,7 +249,8 @@ class PersonalModel(nn.Module):
             values = torch.relu(history @ self.mlp_w1 + self.mlp_b1) @ self.mlp_w2 + self.mlp_b2
             parts.append(p @ values + self.user_vector)
         x = torch.cat(parts, dim=-1)
-        return x @ self.head_w + self.head_b + self.persona_bias + self.user_bias
+        head = self.head_w + self.user_head_w
+        return x @ head + self.head_b + self.persona_bias + self.user_bias
 
     def forward(
         self,
@@ -278,6 +282,7 @@ class PersonalModel(nn.Module):
             out["global.mlp.b2"] = self.mlp_b2
             out["user.vector"] = self.user_vector
         out["global.head.w"] = self.head_w
+        out["user.head.w"] = self.user_head_w
         out["global.head.b"] = self.head_b
         out["persona.bias"] = self.persona_bias
         out["user.bias"] = self.user_bias

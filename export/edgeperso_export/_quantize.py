@@ -21,6 +21,7 @@ from optimum.onnxruntime.configuration import AutoQuantizationConfig, Quantizati
 
 from edgeperso.bundle import QuantizationSpec
 from edgeperso_export._config import QuantTarget
+from edgeperso_export._quiet import quiet
 
 
 def cpu_flags() -> set[str]:
@@ -82,7 +83,7 @@ def quantize(
     fp32_path: Path, int8_path: Path, target: QuantTarget, exclude: Sequence[str] = ()
 ) -> QuantizationSpec:
     config = _optimum_config(target, quantizable_matmuls(onnx.load(str(fp32_path))), exclude)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, quiet():
         quantizer = ORTQuantizer.from_pretrained(fp32_path.parent, file_name=fp32_path.name)
         written = quantizer.quantize(config, save_dir=tmp, file_suffix="int8")
         out = Path(written)
