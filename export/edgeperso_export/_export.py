@@ -115,9 +115,12 @@ def load_source(source: str) -> _Source:
         raise ExportError(f"model path {source!r} does not exist (and the hub is offline)")
     if not path.exists() and ("/" not in source or source.startswith("/")):
         raise ExportError(f"model path {source!r} does not exist")
+    if path.is_dir() and not any(path.glob("tokenizer*")) and not (path / "vocab.txt").exists():
+        raise ExportError(f"{source!r} has no tokenizer files (tokenizer.json or vocab.txt)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)  # type: ignore[no-untyped-call]
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
+        # transformers raises TypeError deep inside when a directory has no vocabulary files
         raise ExportError(f"no usable tokenizer in {source!r}: {exc}") from exc
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ExportError(f"{source!r} has no fast tokenizer (tokenizer.json); convert it first")

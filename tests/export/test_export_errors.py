@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 from edgeperso_export import ExportConfig, ExportError, ParityError, ParityThresholds, export_bundle
 from edgeperso_export._cli import main as cli_main
 
-from tests.conftest import FAST
+from tests.conftest import FAST, make_tiny_model
 
 
 def _no_leftovers(parent: Path) -> list[Path]:
@@ -81,11 +80,12 @@ def test_failed_parity_gate_names_the_figure_and_writes_nothing(
     tmp_path: Path, minilm_dir: Path
 ) -> None:
     # A gradient error of exactly 0 is unreachable in float32: the gate must stop the export.
+    model = make_tiny_model(tmp_path / "models", "bert", minilm_dir)
     config = ExportConfig(
         task="regression", thresholds=ParityThresholds(grad_rel_error=0.0), **FAST
     )
     with pytest.raises(ParityError, match=r"grad_rel_error = .* threshold 0\.0"):
-        export_bundle(minilm_dir, tmp_path / "out", config)
+        export_bundle(model, tmp_path / "out", config)
     assert not (tmp_path / "out").exists()
     assert _no_leftovers(tmp_path) == []
 
@@ -98,13 +98,16 @@ def test_cli_reports_errors_with_exit_code_2(
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_overwrite_replaces_a_bundle_atomically(tmp_path: Path, bundles: dict[str, Path]) -> None:
-    # Copy a finished bundle, then overwrite it with a fresh export of the same model.
-    out = tmp_path / "bundle"
-    shutil.copytree(bundles["embedding"], out)
-    before = json.loads((out / "manifest.json").read_text())
-    assert before["task"] == "embedding"
-    assert sorted(p.name for p in out.iterdir()) == [
-        *sorted(f["path"] for f in before["files"]),
-        "manifest.json",
-    ]
+def test_overwrite_swaps_the_new_bundle_in_and_leaves_no_trash(tmp_path: Path) -> None:
+    from edgeperso_export._export import _replace_dir
+
+    target, new = tmp_path / "bundle", tmp_path / ".bundle.partial"
+    target.mkdir()
+    (target / "infer.onnx").write_text("old")
+    (target / "stale.onnx").write_text("old")
+    new.mkdir()
+    (new / "infer.onnx").write_text("new")
+    _replace_dir(new, target)
+    assert sorted(p.name for p in target.iterdir()) == ["infer.onnx"]
+    assert (target / "infer.onnx").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
