@@ -21,7 +21,12 @@ from edgeperso.federation._client import (
 )
 from edgeperso.federation._layout import FederatedParam, PersonaLayout, federated_params
 from edgeperso.federation._secagg import SecAggParams, secagg_params
-from edgeperso.federation._state import DirectoryStateStore, MemoryStateStore, StateStore
+from edgeperso.federation._state import (
+    DirectoryStateStore,
+    MemoryStateStore,
+    SealedStateStore,
+    StateStore,
+)
 from edgeperso.federation._update import RoundTask
 
 __all__ = [
@@ -34,6 +39,7 @@ __all__ = [
     "PersonaLayout",
     "RoundOutcome",
     "RoundTask",
+    "SealedStateStore",
     "SecAggParams",
     "StateStore",
     "federated_params",

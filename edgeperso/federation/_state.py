@@ -1,8 +1,8 @@
 """Where the federation client keeps its credential and an unfinished round between restarts.
 
-Values include secret keys and the device's update, so a real app backs this with the
-encrypted store. `MemoryStateStore` and `DirectoryStateStore` are for tests and tools: they do
-not encrypt.
+Values include secret keys and the device's update, so a real app uses `SealedStateStore`
+(the encrypted store). `MemoryStateStore` and `DirectoryStateStore` are for tests and tools:
+they do not encrypt.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from edgeperso._errors import InvalidInputError
+from edgeperso.store import Store
 
 _KEY = re.compile(r"^[a-z0-9_.-]{1,64}$")
 
@@ -72,3 +73,32 @@ class DirectoryStateStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+
+class SealedStateStore:
+    """The encrypted store as the client's state: every value sealed like user data.
+
+    Kept under one device-level account of the store, separate from every app user, and
+    shredded with `Store.forget_user(account)`.
+    """
+
+    def __init__(self, store: Store, account: str = "__edgeperso_federation__") -> None:
+        self._store = store
+        self._account = account
+
+    def get(self, key: str) -> bytes | None:
+        _check_key(key)
+        return self._store.get_blob(self._account, key)
+
+    def put(self, key: str, value: bytes) -> None:
+        _check_key(key)
+        self._store.put_blob(self._account, key, bytes(value), keep=1)
+
+    def delete(self, key: str) -> None:
+        _check_key(key)
+        self._store.delete_blob(self._account, key)
+
+
+def _check_key(key: str) -> None:
+    if not _KEY.match(key):
+        raise InvalidInputError(f"state key {key!r} must match {_KEY.pattern}")
