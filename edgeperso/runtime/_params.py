@@ -71,6 +71,10 @@ def check_params(specs: tuple[ParamSpec, ...], params: Mapping[str, np.ndarray])
         value = params.get(spec.name)
         if value is None:
             raise InvalidInputError(f"parameter {spec.name} is missing")
+        if not isinstance(value, np.ndarray):
+            raise InvalidInputError(
+                f"parameter {spec.name} is a {type(value).__name__}, expected a numpy array"
+            )
         if value.shape != spec.shape or value.dtype != np.float32:
             raise InvalidInputError(
                 f"parameter {spec.name} is {value.dtype}{list(value.shape)}, "

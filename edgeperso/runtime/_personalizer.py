@@ -254,7 +254,7 @@ class Personalizer:
         optimizer = AdamW(config.weight_decay)
         batch = self.manifest.train.graphs[0].batch_size
         steps_per_epoch = math.ceil(len(train_idx) / batch)
-        total = steps_per_epoch * config.epochs
+        total = max(steps_per_epoch * config.epochs, config.min_steps)
         if config.max_steps is not None:
             total = min(total, config.max_steps)
         fingerprint = self._fingerprint(examples, config)
@@ -270,6 +270,8 @@ class Personalizer:
             )
         stopped = "completed"
         loss = float("nan")
+        # Held-out evaluation (and checkpointing) about ten times per call, not every pass.
+        passes, eval_every = 0, max(1, math.ceil(total / steps_per_epoch / 10))
         while step < total:
             order = rng.permutation(train_idx)
             for i in range(0, len(order), batch):
@@ -293,6 +295,9 @@ class Personalizer:
                             step, total, step // steps_per_epoch, loss, time.perf_counter() - start
                         )
                     )
+            passes += 1
+            if passes % eval_every and step < total and stopped == "completed":
+                continue
             score = self._evaluate(data, held_idx, params)
             if self._better(score, best_score):
                 best, best_score = {k: v.copy() for k, v in params.items()}, score
@@ -343,9 +348,12 @@ class Personalizer:
     def _prepare(self, user: str, examples: list[Example]) -> _Prepared:
         texts = [ex.text for ex in examples]
         ids, prefixes, truncated = [], [], 0
+        # Training pads to the exported sequence buckets; a text longer than the largest one
+        # is cut there, and counted as truncated like a text over max_length.
+        longest = max(g.seq_len for g in self.manifest.train.graphs)
         for text in texts:
             enc = self._encoder.encode([text])
-            truncated += int(enc.truncated[0])
+            truncated += int(enc.truncated[0] or enc.input_ids.shape[1] > longest)
             (prefix,) = self._infer.run(["prefix"], self._base_feeds(enc))
             ids.append(enc.input_ids[0])
             prefixes.append(prefix[0])
@@ -437,8 +445,9 @@ class Personalizer:
         if label is None:
             return
         if task == "classification" and label not in self.manifest.labels:
+            # The label itself is user data: name where it is, never what it is.
             raise InvalidInputError(
-                f"{where} = {label!r} is not one of the bundle's labels {list(self.manifest.labels)}"
+                f"{where} is not one of the bundle's labels {list(self.manifest.labels)}"
             )
         if task == "regression" and (
             isinstance(label, bool)

@@ -20,12 +20,26 @@ from edgeperso._errors import InvalidInputError
 Params = dict[str, np.ndarray]
 
 
+_INT_FIELDS = ("epochs", "min_steps", "max_steps", "max_examples", "seed")
+_NUMBER_FIELDS = (
+    "learning_rate",
+    "weight_decay",
+    "warmup_fraction",
+    "max_grad_norm",
+    "prox_weight",
+    "holdout_fraction",
+    "max_seconds",
+)
+_OPTIONAL_FIELDS = ("max_seconds", "max_steps", "max_examples")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How a user's parameters are trained. Budgets stop training early; the best epoch on
     the held-out slice is kept either way."""
 
     epochs: int = 10
+    min_steps: int = 100  # small users get at least this many steps (cycling their data)
     learning_rate: float = 5e-2
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1  # linear warm-up, then cosine decay to zero
@@ -39,12 +53,26 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "learning_rate", "max_grad_norm")
-        for name in positive:
+        # Types first, so that a wrong type is an InvalidInputError rather than a TypeError.
+        for name in _INT_FIELDS + _NUMBER_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_FIELDS:
+                continue
+            kind = int if name in _INT_FIELDS else int | float
+            if isinstance(value, bool) or not isinstance(value, kind) or value != value:
+                what = "an int" if name in _INT_FIELDS else "a number (not NaN)"
+                raise InvalidInputError(f"TrainConfig.{name} must be {what}")
+        if not isinstance(self.class_weighting, bool):
+            raise InvalidInputError("TrainConfig.class_weighting must be a bool")
+        for name in ("epochs", "min_steps", "learning_rate", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"TrainConfig.{name} must be > 0")
-        if self.weight_decay < 0 or self.prox_weight < 0:
-            raise InvalidInputError("TrainConfig.weight_decay and prox_weight must be >= 0")
+        for name in ("learning_rate", "weight_decay", "prox_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidInputError(f"TrainConfig.{name} must be finite")
+        for name in ("weight_decay", "prox_weight"):
+            if getattr(self, name) < 0:
+                raise InvalidInputError(f"TrainConfig.{name} must be >= 0")
         if not 0 <= self.warmup_fraction < 1:
             raise InvalidInputError("TrainConfig.warmup_fraction must be in [0, 1)")
         if not 0 < self.holdout_fraction < 1:
@@ -146,16 +174,20 @@ def split_holdout(
     class is represented in both when it has two examples or more."""
     order = rng.permutation(n)
     if labels is None:
-        k = max(1, round(fraction * n))
+        k = _held_count(n, fraction)
         return np.sort(order[k:]), np.sort(order[:k])
     held: list[int] = []
     for cls in sorted(set(labels)):
         members = [i for i in order if labels[i] == cls]
-        if len(members) >= 2:
-            held += members[: max(1, round(fraction * len(members)))]
+        held += members[: _held_count(len(members), fraction)]
     held_set = set(held)
     train = [i for i in range(n) if i not in held_set]
     return np.array(train, np.int64), np.array(sorted(held), np.int64)
+
+
+def _held_count(n: int, fraction: float) -> int:
+    """About `fraction` of `n`, but at least one and never all: both sides stay non-empty."""
+    return min(n - 1, max(1, round(fraction * n)))
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:

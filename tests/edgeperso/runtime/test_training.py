@@ -1,0 +1,278 @@
+"""train(): the loss goes down, the result is consistent with what is stored, a killed
+train() resumes from its checkpoint, and the per-user lock keeps trainers apart."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeperso import InvalidInputError, LockedError
+from edgeperso.runtime import Personalizer, TrainConfig, TrainProgress, TrainResult
+from edgeperso.runtime._params import from_bytes
+from edgeperso.store import Example, RawKey, Store
+from tests.edgeperso.runtime.conftest import MARKETS, PETS, topic_examples
+
+CHILD = Path(__file__).with_name("_child.py")
+CHECKPOINT = "train-checkpoint"
+ADAPTER = "adapter"
+
+
+def scored_examples(n_per_topic: int) -> list[Example]:
+    """Regression examples: pets score 2, markets score -1."""
+    return [
+        Example(ex.text, label=2.0 if ex.label == "a" else -1.0, timestamp=ex.timestamp)
+        for ex in topic_examples(n_per_topic)
+    ]
+
+
+def assert_consistent(result: TrainResult, model: Personalizer, store: Store, user: str) -> None:
+    """What train() reports agrees with what it stored and with what predict() serves."""
+    regression = model.manifest.task == "regression"
+    assert result.metric == ("mae" if regression else "macro_f1")
+    beats = (
+        result.personal_score < result.global_score
+        if regression
+        else result.personal_score > result.global_score
+    )
+    assert (result.kept == "personal") == beats
+    assert (ADAPTER in store.blobs(user)) == (result.kept == "personal")
+    assert (result.adapter_bytes > 0) == (result.kept == "personal")
+    assert CHECKPOINT not in store.blobs(user)
+    assert model.predict(user, ["anything at all"])[0].personalized == (result.kept == "personal")
+    assert 1 <= result.holdout < result.examples
+    assert result.steps > 0
+    if not regression:
+        assert 0 <= result.global_score <= 1
+        assert 0 <= result.personal_score <= 1
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_training_loss_goes_down_over_the_steps(
+    tiny_bundles: dict[str, Path], store: Store, task: str
+) -> None:
+    model = Personalizer.open(tiny_bundles[task], store)
+    model.add_examples(
+        "alice", topic_examples(12) if task == "classification" else scored_examples(12)
+    )
+    progress: list[TrainProgress] = []
+
+    result = model.train(
+        "alice", TrainConfig(epochs=15, learning_rate=0.1), on_progress=progress.append
+    )
+
+    assert result.stopped == "completed"
+    assert result.resumed_from_step == 0
+    assert result.steps >= 15 * 3  # 24 examples, 4 held out, micro-batches of 8
+    assert [p.step for p in progress] == list(range(1, result.steps + 1))
+    assert {p.total_steps for p in progress} == {result.steps}
+    assert [p.epoch for p in progress] == [s // 3 for s in range(1, result.steps + 1)]
+    losses = np.array([p.loss for p in progress])
+    assert np.isfinite(losses).all()
+    assert losses[-6:].mean() < 0.85 * losses[:6].mean()
+    assert_consistent(result, model, store, "alice")
+
+
+def test_one_class_examples_train_and_the_result_is_consistent(
+    classifier: Personalizer, store: Store
+) -> None:
+    texts = [f"{t} {i}" for i, t in enumerate(PETS + MARKETS)]
+    classifier.add_examples("alice", [Example(t, label="c") for t in texts])
+
+    result = classifier.train("alice", TrainConfig(epochs=4, learning_rate=0.1))
+
+    assert result.stopped == "completed"
+    assert result.kept in ("personal", "global")
+    assert_consistent(result, classifier, store, "alice")
+
+
+def test_regression_training_reports_mae_and_predicts_scores(
+    regressor: Personalizer, store: Store
+) -> None:
+    regressor.add_examples("alice", scored_examples(8))
+
+    result = regressor.train("alice", TrainConfig(epochs=6, learning_rate=0.1))
+
+    assert_consistent(result, regressor, store, "alice")
+    (prediction,) = regressor.predict("alice", [PETS[0]])
+    assert prediction.label is None
+    assert prediction.probabilities is None
+    assert isinstance(prediction.score, float)
+    assert np.isfinite(prediction.score)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_train_with_fewer_than_four_labelled_examples_is_refused(
+    classifier: Personalizer, store: Store, n: int
+) -> None:
+    if n:
+        classifier.add_examples("alice", topic_examples(2)[:n])
+    # Unlabelled examples are history, not training data: they do not count.
+    classifier.add_examples("alice", [Example(f"{t} unlabelled") for t in PETS])
+    before = store.examples("alice"), store.blobs("alice")
+
+    with pytest.raises(InvalidInputError, match="at least 4"):
+        classifier.train("alice", TrainConfig(epochs=1))
+
+    assert (store.examples("alice"), store.blobs("alice")) == before
+
+
+def test_train_with_four_labelled_examples_is_enough(
+    classifier: Personalizer, store: Store
+) -> None:
+    classifier.add_examples("alice", topic_examples(2))
+    result = classifier.train("alice", TrainConfig(epochs=1))
+    assert result.examples == 4
+    assert_consistent(result, classifier, store, "alice")
+
+
+def test_texts_longer_than_max_length_are_truncated_and_reported(
+    classifier: Personalizer,
+) -> None:
+    # "word" is one token; [CLS] and [SEP] take two of the 64.
+    fits, too_long = " ".join(["word"] * 62), " ".join(["word"] * 63)
+    predictions = classifier.predict("alice", [fits, too_long, "short"])
+    assert [p.truncated for p in predictions] == [False, True, False]
+
+    long_examples = [Example(f"{too_long} {PETS[i]}", label="a") for i in range(3)]
+    classifier.add_examples("alice", topic_examples(3) + long_examples)
+    result = classifier.train("alice", TrainConfig(epochs=1))
+    assert result.truncated_texts == 3
+
+
+def test_max_steps_and_cancel_stop_training_early_and_say_why(classifier: Personalizer) -> None:
+    classifier.add_examples("alice", topic_examples(12))
+
+    by_steps = classifier.train("alice", TrainConfig(epochs=5, max_steps=4))
+    calls = 0
+
+    def cancel_after_two_steps() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 2
+
+    cancelled = classifier.train("alice", TrainConfig(epochs=5), cancel=cancel_after_two_steps)
+
+    assert (by_steps.stopped, by_steps.steps) == ("max_steps", 4)
+    assert (cancelled.stopped, cancelled.steps) == ("cancelled", 2)
+
+
+# -- a second process -------------------------------------------------------------------------
+
+
+@contextmanager
+def child(key: RawKey, *args: object) -> Iterator[subprocess.Popen[str]]:
+    env = os.environ | {"EDGEPERSO_TEST_KEY": key.key.hex()}
+    command = [sys.executable, str(CHILD), *map(str, args)]
+    proc = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+
+def wait_for_line(proc: subprocess.Popen[str], expected: str, timeout: float = 120.0) -> None:
+    """Block until the child prints `expected` (no sleeping: select on its stdout)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0 and selector.select(left):
+            line = proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"the child exited ({proc.wait()}) before {expected!r}")
+            if line.strip() == expected:
+                return
+    raise AssertionError(f"the child did not say {expected!r} within {timeout} s")
+
+
+def test_train_killed_after_a_checkpoint_resumes_from_it(
+    tiny_bundles: dict[str, Path], classifier: Personalizer, store: Store, key: RawKey
+) -> None:
+    classifier.add_examples("alice", topic_examples(12))
+    classifier.add_examples("bob", topic_examples(12))
+    config = TrainConfig(epochs=12, learning_rate=0.1, max_seconds=None)
+    bundle = tiny_bundles["classification"]
+    uninterrupted = classifier.train("bob", config)  # the same data: its step count
+    assert uninterrupted.resumed_from_step == 0
+
+    with child(
+        key, "train", store.path, "alice", bundle, json.dumps(dataclasses.asdict(config))
+    ) as proc:
+        wait_for_line(proc, "checkpointed")
+        # The checkpoint is in the file, as a second opener of the store sees it.
+        with Store.open(store.path, key) as observer:
+            saved = observer.get_blob("alice", CHECKPOINT)
+        assert saved is not None
+        checkpointed_step = json.loads(bytes(from_bytes(saved)["meta"]))["step"]
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+
+    result = classifier.train("alice", config)  # the kernel released the dead trainer's lock
+
+    assert 0 < result.resumed_from_step == checkpointed_step < uninterrupted.steps
+    assert result.stopped == "completed"
+    assert result.steps == uninterrupted.steps
+    assert_consistent(result, classifier, store, "alice")
+
+
+def test_a_checkpoint_made_with_other_settings_is_not_resumed(
+    tiny_bundles: dict[str, Path], classifier: Personalizer, store: Store, key: RawKey
+) -> None:
+    classifier.add_examples("alice", topic_examples(12))
+    config = TrainConfig(epochs=12, max_seconds=None)
+    bundle = tiny_bundles["classification"]
+
+    with child(
+        key, "train", store.path, "alice", bundle, json.dumps(dataclasses.asdict(config))
+    ) as proc:
+        wait_for_line(proc, "checkpointed")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+
+    result = classifier.train("alice", dataclasses.replace(config, seed=1))
+    assert result.resumed_from_step == 0
+    assert result.stopped == "completed"
+
+
+def test_train_while_another_process_holds_the_user_lock_raises_locked_and_changes_nothing(
+    classifier: Personalizer, store: Store, key: RawKey
+) -> None:
+    classifier.add_examples("alice", topic_examples(6))
+    classifier.add_examples("bob", topic_examples(6))
+    texts = [PETS[0], MARKETS[0]]
+    served = classifier.score("alice", texts)
+    before = store.examples("alice"), store.blobs("alice"), store.embeddings("alice").keys()
+
+    with child(key, "lock", store.path, "alice") as proc:
+        wait_for_line(proc, "locked")
+        with pytest.raises(LockedError):
+            classifier.train("alice", TrainConfig(epochs=1))
+        after = store.examples("alice"), store.blobs("alice"), store.embeddings("alice").keys()
+        assert after == before
+        # Serving goes on meanwhile, and other users train.
+        np.testing.assert_array_equal(classifier.score("alice", texts), served)
+        assert classifier.train("bob", TrainConfig(epochs=1)).steps > 0
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+
+    assert classifier.train("alice", TrainConfig(epochs=1)).steps > 0
