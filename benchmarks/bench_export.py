@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -42,6 +43,7 @@ def cpu_info() -> dict[str, Any]:
     flags = cpu_flags()
     simd = sorted(f for f in flags if f.startswith(("avx", "amx", "sse4", "fma", "f16c")))
     return {
+        "load_average_at_start": os.getloadavg()[0],
         "model": cpu_model(),
         "simd_flags": simd,
         "cores": _cores(),
@@ -50,8 +52,6 @@ def cpu_info() -> dict[str, Any]:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
@@ -74,7 +74,13 @@ def run_child(code: str) -> dict[str, Any]:
 
 
 TRAIN_ORT = """
-import json, resource, statistics, time, numpy as np, onnxruntime as ort
+import json, statistics, time, numpy as np, onnxruntime as ort
+
+def peak_rss_mb():
+    # VmHWM belongs to this process image; ru_maxrss would include the parent's RSS at fork.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 from edgeperso import Bundle
 b = Bundle.load({bundle!r})
 g = b.manifest.train.graph_for({seq})
@@ -107,11 +113,17 @@ p = []
 for _ in range({repeats}):
     a = time.perf_counter(); inf.run(["prefix"], {{"input_ids": ids, "attention_mask": m}}); p.append((time.perf_counter() - a) * 1000)
 print(json.dumps({{"step_ms": statistics.median(t), "prefix_ms": statistics.median(p),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                  "peak_rss_mb": peak_rss_mb()}}))
 """
 
 TRAIN_TORCH = """
-import json, resource, statistics, time, torch
+import json, statistics, time, torch
+
+def peak_rss_mb():
+    # VmHWM belongs to this process image; ru_maxrss would include the parent's RSS at fork.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModel
 torch.manual_seed(0)
@@ -133,7 +145,7 @@ t = []
 for _ in range({repeats}):
     a = time.perf_counter(); step(); t.append((time.perf_counter() - a) * 1000)
 print(json.dumps({{"step_ms": statistics.median(t),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                  "peak_rss_mb": peak_rss_mb()}}))
 """
 
 
@@ -252,6 +264,7 @@ def main() -> None:
             )
         ),
     }
+    results["cpu"]["load_average_at_end"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(markdown(results))
@@ -302,7 +315,9 @@ def _fp32_graph(model_dir: Path, tmp: Path, bundle: Any, load_source: Any) -> Pa
 def markdown(r: dict[str, Any]) -> str:
     cpu = r["cpu"]
     lines = [
-        f"CPU: {cpu['model']}, {cpu['cores']} cores, SIMD: {' '.join(cpu['simd_flags'])}",
+        f"CPU: {cpu['model']}, {cpu['cores']} cores, SIMD: {' '.join(cpu['simd_flags'])}; "
+        f"load average {cpu['load_average_at_start']:.1f} at start, "
+        f"{cpu['load_average_at_end']:.1f} at end (other jobs shared the machine).",
         "",
         f"Export of {r['model']} (classification, 3 training buckets): {r['export_s']:.0f} s, "
         f"bundle {r['bundle_mb']:.1f} MB; int8 target {r['quantization']['target']}, "
