@@ -40,7 +40,7 @@ class TrainConfig:
 
     epochs: int = 10
     min_steps: int = 100  # small users get at least this many steps (cycling their data)
-    learning_rate: float = 5e-2
+    learning_rate: float = 1e-2
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1  # linear warm-up, then cosine decay to zero
     max_grad_norm: float = 1.0  # global-norm clipping
