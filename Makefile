@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml export/pyproject.toml federated/pyproject.toml requirem
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build; anything unpinned would pull CUDA wheels.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e . -e ./export -e './federated[postgres]' -r requirements-dev.txt
+	$(BIN)/pip install --quiet -e '.[cli,plots]' -e ./export -e './federated[postgres]' -r requirements-dev.txt
 	touch $(STAMP)
 
 # The coordinator's tests also run against a real PostgreSQL server, which they start
@@ -41,6 +41,8 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_export.py
+	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python benchmarks/bench_federated.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

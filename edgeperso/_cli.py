@@ -1,0 +1,171 @@
+"""The `edgeperso` command: a thin skin over the public API.
+
+edgeperso evaluate annotations.csv bundle/ --label-column anger --label-map "x>0"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from edgeperso._errors import EdgePersoError, InvalidInputError, UnsupportedError
+
+USAGE_ERROR = 2  # argparse's exit status for a bad command line; typed errors use it too
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.run(args)
+    except EdgePersoError as exc:
+        print(f"edgeperso {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeperso", description="EdgePerso tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    ev = commands.add_parser(
+        "evaluate",
+        help="global vs personalized, per user, on a labelled data set",
+        description="Split each user's rows, fit the bundle's global head on the training "
+        "rows, personalize every user on device and report per-user gains (JSON + PNG).",
+    )
+    ev.add_argument("data", type=Path, help=".csv, .tsv or .jsonl with user, text, label")
+    ev.add_argument("bundle", type=Path, help="an exported classification/regression bundle")
+    ev.add_argument("--out", type=Path, default=Path("edgeperso-eval"), help="output folder")
+    ev.add_argument("--texts", type=Path, help="a second table holding the texts, joined in")
+    ev.add_argument("--join-on", default="text_id", help="column shared with --texts")
+    ev.add_argument("--user-column", default="user")
+    ev.add_argument("--text-column", default="text")
+    ev.add_argument("--label-column", default="label")
+    ev.add_argument("--time-column", help="split by time: each user's latest rows are tested")
+    ev.add_argument("--label-map", help="'x>0' (numbers -> yes/no) or 'a=yes,b=no'")
+    ev.add_argument("--test-fraction", type=float, default=0.3)
+    ev.add_argument("--min-user-rows", type=int, default=10)
+    ev.add_argument("--max-users", type=int, help="evaluate only the first N users")
+    ev.add_argument("--cold-start", default="10,25,50", help="k values, e.g. 10,25,50 ('' to skip)")
+    ev.add_argument("--epochs", type=int, default=10, help="on-device training epochs")
+    ev.add_argument("--max-seconds", type=float, default=60.0, help="training budget per user")
+    ev.add_argument("--learning-rate", type=float, default=5e-2)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--no-plots", action="store_true", help="write the JSON only")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
+    ev.set_defaults(run=_evaluate)
+    return parser
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from edgeperso.evaluate import EvalConfig, LabelMap, evaluate, read_table, write_plots
+    from edgeperso.runtime import TrainConfig
+
+    try:
+        ks = tuple(int(k) for k in args.cold_start.replace(" ", "").split(",") if k)
+    except ValueError:
+        raise InvalidInputError("--cold-start takes integers, e.g. 10,25,50") from None
+    config = EvalConfig(
+        user_column=args.user_column,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        time_column=args.time_column,
+        label_map=LabelMap(args.label_map) if args.label_map else None,
+        split="time" if args.time_column else "random",
+        test_fraction=args.test_fraction,
+        min_user_rows=args.min_user_rows,
+        max_users=args.max_users,
+        cold_start=ks,
+        train=TrainConfig(
+            epochs=args.epochs,
+            max_seconds=args.max_seconds,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+        ),
+        seed=args.seed,
+    )
+    rows = read_table(args.data, texts=args.texts, join_on=args.join_on)
+    with _progress(args.quiet) as on_progress:
+        report = evaluate(rows, args.bundle, config, on_progress=on_progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    written = [args.out / "report.json"]
+    if not args.no_plots:
+        try:
+            written += write_plots(report, args.out)
+        except UnsupportedError as exc:
+            print(f"edgeperso evaluate: plots skipped: {exc}", file=sys.stderr)
+    if not args.quiet:
+        _print_summary(report.to_json(), written)
+    return 0
+
+
+@contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[Any], None] | None]:
+    try:
+        from rich.progress import Progress
+    except ImportError:
+        yield None
+        return
+    if quiet:
+        yield None
+        return
+    with Progress(transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(event: Any) -> None:
+            if event.stage not in tasks:
+                tasks[event.stage] = bar.add_task(event.stage, total=event.total)
+            bar.update(tasks[event.stage], completed=event.done, total=event.total)
+
+        yield update
+
+
+def _print_summary(report: dict[str, Any], written: list[Path]) -> None:
+    metric = report["primary_metric"]
+    data, timing = report["data"], report["timing"]
+    lines = [
+        f"{data['evaluated_users']} users evaluated ({len(data['skipped_users'])} skipped), "
+        f"task {report['task']}",
+    ]
+    for name, s in report["summary"].items():
+        low, high = s["gain_ci95"]
+        lines.append(
+            f"{name}: global {_f(s['global_mean'])} -> personalized {_f(s['personal_mean'])}"
+            f"  gain {_f(s['gain_mean'])} [95% CI {_f(low)}, {_f(high)}]"
+            f"  median gain {_f(s['gain_median'])}  worse {_pct(s['share_worse'])}"
+            f"  worst decile {_f(s['worst_decile_mean_gain'])}"
+        )
+    for c in report["cold_start"]:
+        k = "all" if c["k"] is None else c["k"]
+        lines.append(
+            f"cold start k={k}: {c['users']} users, {metric} gain {_f(c['gain_mean'])}, "
+            f"worse {_pct(c['share_worse'])}, kept personal {_pct(c['share_kept_personal'])}"
+        )
+    lines.append(
+        f"training {_f(timing['train_seconds_per_user_mean'], 1)} s/user (median "
+        f"{_f(timing['train_seconds_per_user_median'], 1)}), adapter "
+        f"{_f(timing['adapter_bytes_mean'], 0)} bytes, total {_f(timing['total_seconds'], 0)} s"
+        f" on {report['machine']['cpu']}"
+    )
+    lines += [f"wrote {p}" for p in written]
+    print("\n".join(lines))
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

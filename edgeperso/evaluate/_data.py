@@ -1,0 +1,183 @@
+"""Reading an annotation table (CSV, TSV, JSONL), mapping labels, splitting per user."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeperso._errors import InvalidInputError
+from edgeperso.evaluate._config import EvalConfig
+
+Table = list[dict[str, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One labelled row: `label` is a bundle label (classification) or a number."""
+
+    user: str
+    text: str
+    label: str | float
+    time: float  # the time column, or the row's position in the file
+
+
+@dataclasses.dataclass(frozen=True)
+class UserSplit:
+    train: tuple[Record, ...]  # in the order the cold-start curve adds them
+    test: tuple[Record, ...]
+
+
+def read_table(
+    path: str | os.PathLike[str],
+    *,
+    texts: str | os.PathLike[str] | None = None,
+    join_on: str = "text_id",
+) -> Table:
+    """Rows of a .csv, .tsv or .jsonl file as str -> str mappings. With `texts`, each row
+    also gets the columns of the row of `texts` whose `join_on` value matches its own."""
+    rows = _read(Path(path))
+    if texts is None:
+        return rows
+    by_key: dict[str, dict[str, str]] = {}
+    for row in _read(Path(texts)):
+        if join_on not in row:
+            raise InvalidInputError(f"{texts}: no column {join_on!r} to join on")
+        by_key[row[join_on]] = row
+    joined, missing = [], 0
+    for row in rows:
+        if join_on not in row:
+            raise InvalidInputError(f"{path}: no column {join_on!r} to join on")
+        extra = by_key.get(row[join_on])
+        missing += extra is None
+        joined.append({**(extra or {}), **row})
+    if missing:
+        raise InvalidInputError(
+            f"{missing} rows of {path} have a {join_on!r} that {texts} does not contain"
+        )
+    return joined
+
+
+def _read(path: Path) -> Table:
+    if not path.is_file():
+        raise InvalidInputError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson"):
+        raise InvalidInputError(f"{path}: unknown format {suffix!r}; use .csv, .tsv or .jsonl")
+    with path.open(encoding="utf-8", newline="") as f:
+        if suffix in (".csv", ".tsv"):
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            rows = [{k: v or "" for k, v in row.items() if k is not None} for row in reader]
+        else:
+            rows = [_json_row(line, path, i) for i, line in enumerate(f, 1) if line.strip()]
+    if not rows:
+        raise InvalidInputError(f"{path} has no data rows")
+    return rows
+
+
+def _json_row(line: str, path: Path, number: int) -> dict[str, str]:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{path}:{number} is not a JSON object")
+    return {str(k): "" if v is None else str(v) for k, v in value.items()}
+
+
+def to_records(
+    rows: Sequence[Mapping[str, str]], config: EvalConfig, task: str, labels: Sequence[str]
+) -> tuple[list[Record], int]:
+    """Validated records and the number of rows dropped for an empty text or label."""
+    if not rows:
+        raise InvalidInputError("the data has no rows")
+    wanted = [config.user_column, config.text_column, config.label_column]
+    wanted += [config.time_column] if config.time_column else []
+    present = set().union(*(row.keys() for row in rows))
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise InvalidInputError(
+            f"column(s) {missing} not found; the data has {sorted(present)} "
+            "(name them with --user-column / --text-column / --label-column / --time-column)"
+        )
+    records, dropped, unknown = [], 0, set()
+    for position, row in enumerate(rows):
+        user, text = row.get(config.user_column, ""), row.get(config.text_column, "")
+        raw = row.get(config.label_column, "").strip()
+        if not user.strip() or not text.strip() or raw.lower() in ("", "nan", "none", "null"):
+            dropped += 1
+            continue
+        label = _label(raw, config, task)
+        if isinstance(label, str) and label not in labels:
+            unknown.add(label)
+            continue
+        time = _time(row.get(config.time_column, ""), position) if config.time_column else position
+        records.append(Record(user.strip(), text, label, time))
+    if unknown:
+        examples = ", ".join(repr(v) for v in sorted(unknown)[:3])
+        raise InvalidInputError(
+            f"{len(unknown)} label value(s) (e.g. {examples}) are not among the bundle's labels "
+            f"{list(labels)}; map them with --label-map (e.g. 'x>0' or 'a=yes,b=no')"
+        )
+    if not records:
+        raise InvalidInputError("every row has an empty user, text or label")
+    return records, dropped
+
+
+def _label(raw: str, config: EvalConfig, task: str) -> str | float:
+    if task == "regression":
+        if config.label_map is not None:
+            raise InvalidInputError("a regression bundle takes numeric labels: drop --label-map")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise InvalidInputError(f"regression label {raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise InvalidInputError(f"regression label {raw!r} is not finite")
+        return value
+    return raw if config.label_map is None else config.label_map.apply(raw)
+
+
+def _time(raw: str, position: int) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(raw.strip()).timestamp()
+    except ValueError:
+        raise InvalidInputError(
+            f"time value {raw!r} (row {position + 1}) is neither a number nor an ISO 8601 date"
+        ) from None
+
+
+def split_users(records: Sequence[Record], config: EvalConfig) -> dict[str, UserSplit]:
+    """Each user's rows into train and test: a seeded random `test_fraction` (the same for a
+    user whatever the other users are), or the latest rows by time."""
+    by_user: dict[str, list[Record]] = {}
+    for record in records:
+        by_user.setdefault(record.user, []).append(record)
+    out = {}
+    for user, rows in sorted(by_user.items()):
+        n_test = min(len(rows) - 1, max(1, round(config.test_fraction * len(rows))))
+        if len(rows) < 2:
+            out[user] = UserSplit(tuple(rows), ())
+            continue
+        if config.split == "time":
+            ordered = sorted(rows, key=lambda r: r.time)
+            out[user] = UserSplit(tuple(ordered[:-n_test]), tuple(ordered[-n_test:]))
+            continue
+        rng = np.random.default_rng([config.seed, zlib.crc32(user.encode())])
+        order = rng.permutation(len(rows))
+        test = sorted(order[:n_test].tolist())
+        train = order[n_test:].tolist()  # random order: the cold-start curve takes a prefix
+        out[user] = UserSplit(tuple(rows[i] for i in train), tuple(rows[i] for i in test))
+    return out

@@ -1,0 +1,337 @@
+"""evaluate(): global vs personalized, per user, on a labelled per-user data set."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeperso._errors import InvalidInputError, UnsupportedError
+from edgeperso.bundle import Bundle
+from edgeperso.evaluate import _metrics
+from edgeperso.evaluate._config import EvalConfig
+from edgeperso.evaluate._data import Record, UserSplit, read_table, split_users, to_records
+from edgeperso.evaluate._head import fit_logistic
+from edgeperso.evaluate._report import ColdStartPoint, EvalReport, UserResult, machine_info
+from edgeperso.runtime import Personalizer
+from edgeperso.store import Example, RawKey, Store
+
+log = logging.getLogger(__name__)
+
+# A user the evaluation never gives data to: no adapter, no history, i.e. the shared model.
+GLOBAL_USER = "__edgeperso_eval_global__"
+_CHUNK = 32  # texts per inference call (progress granularity)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalProgress:
+    stage: str  # "features", "users" or "cold-start k=<k>"
+    done: int
+    total: int
+
+
+def evaluate(
+    data: str | os.PathLike[str] | Sequence[Mapping[str, str]],
+    bundle: str | os.PathLike[str] | Bundle,
+    config: EvalConfig | None = None,
+    *,
+    on_progress: Callable[[EvalProgress], None] | None = None,
+) -> EvalReport:
+    """Split each user's rows, fit the global head on every training row, personalize each
+    evaluated user on device and compare both on the user's test rows.
+
+    `data` is a .csv/.tsv/.jsonl path or rows already read (see `read_table`). Everything
+    the run stores goes to a temporary encrypted store, deleted at the end.
+    """
+    config = config or EvalConfig()
+    if not isinstance(config, EvalConfig):
+        raise InvalidInputError("config must be an EvalConfig")
+    started = time.perf_counter()
+    rows = read_table(data) if isinstance(data, str | os.PathLike) else list(data)
+    loaded = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))
+    manifest = loaded.manifest
+    if manifest.task not in ("classification", "regression"):
+        raise UnsupportedError(
+            f"a {manifest.task} bundle has no labels to evaluate; export a classification "
+            "or regression bundle"
+        )
+    records, dropped = to_records(rows, config, manifest.task, manifest.labels)
+    splits = split_users(records, config)
+    chosen, skipped = _choose_users(splits, config)
+    progress = on_progress or (lambda _: None)
+    with (
+        tempfile.TemporaryDirectory(prefix="edgeperso-eval-") as tmp,
+        Store.open(Path(tmp) / "eval.db", RawKey(os.urandom(32))) as store,
+    ):
+        run = _Run(Personalizer.open(loaded, store), config, progress)
+        head = run.fit_global(splits)
+        results = run.personalize_all(splits, chosen, skipped)
+        cold = run.cold_start(splits, results)
+    metric = "mae" if manifest.task == "regression" else "macro_f1"
+    summary = _summaries(results, config, manifest.task)
+    full = summary[metric]
+    cold.append(
+        ColdStartPoint(
+            None,
+            full.users,
+            metric,
+            full.gain_mean,
+            full.gain_ci95,
+            full.share_worse,
+            _share([r.kept == "personal" for r in results]),
+        )
+    )
+    train_s = [r.train_seconds for r in results]
+    kept = [r.adapter_bytes for r in results if r.kept == "personal"]
+    return EvalReport(
+        task=manifest.task,
+        labels=tuple(manifest.labels),
+        primary_metric=metric,
+        bundle={
+            "source": manifest.source,
+            "architecture": manifest.architecture,
+            "hidden_size": manifest.hidden_size,
+            "max_length": manifest.max_length,
+            "quantization_target": manifest.quantization.target,
+            "user_param_bytes": sum(4 * math.prod(p.shape) for p in manifest.params_at("user")),
+        },
+        config=config.to_json(),
+        data={
+            "rows": len(rows),
+            "dropped_rows": dropped,
+            "users": len(splits),
+            "evaluated_users": len(results),
+            "skipped_users": skipped,
+            "train_rows": sum(len(s.train) for s in splits.values()),
+            "test_rows_evaluated": sum(r.test_rows for r in results),
+        },
+        global_head=head,
+        users=tuple(results),
+        summary=summary,
+        cold_start=tuple(cold),
+        timing={
+            "total_seconds": time.perf_counter() - started,
+            "train_seconds_per_user_mean": _mean(train_s),
+            "train_seconds_per_user_median": statistics.median(train_s) if train_s else math.nan,
+            "train_seconds_per_user_max": max(train_s, default=math.nan),
+            "personalize_seconds_per_user_mean": _mean([r.personalize_seconds for r in results]),
+            "adapter_bytes_mean": _mean([float(b) for b in kept]),
+            "adapter_bytes_max": float(max(kept, default=0)),
+        },
+        machine=machine_info(),
+    )
+
+
+def _choose_users(
+    splits: Mapping[str, UserSplit], config: EvalConfig
+) -> tuple[list[str], dict[str, str]]:
+    chosen: list[str] = []
+    skipped: dict[str, str] = {}
+    for user, split in splits.items():
+        n = len(split.train) + len(split.test)
+        if n < config.min_user_rows:
+            skipped[user] = f"{n} labelled rows < min_user_rows={config.min_user_rows}"
+        elif config.max_users is not None and len(chosen) >= config.max_users:
+            skipped[user] = f"beyond max_users={config.max_users}"
+        else:
+            chosen.append(user)
+    return chosen, skipped
+
+
+class _Run:
+    """The state of one evaluation: the personalizer over its temporary store."""
+
+    def __init__(
+        self, model: Personalizer, config: EvalConfig, progress: Callable[[EvalProgress], None]
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.progress = progress
+        self.task = model.manifest.task
+        self.labels = tuple(model.manifest.labels)
+        self.global_predictions: dict[str, list[str | float]] = {}  # by user: test rows
+
+    def fit_global(self, splits: Mapping[str, UserSplit]) -> dict[str, float | int]:
+        """Fit the global head on base features of every user's training rows; install it."""
+        rows = [r for split in splits.values() for r in split.train]
+        texts = sorted({r.text for r in rows})
+        start = time.perf_counter()
+        features = self._features(texts)  # [len(texts), hidden]
+        feature_s = time.perf_counter() - start
+        index = {t: i for i, t in enumerate(texts)}
+        x = features[[index[r.text] for r in rows]]  # [n, hidden]
+        start = time.perf_counter()
+        if self.task == "classification":
+            y = np.array([self.labels.index(str(r.label)) for r in rows], np.int64)
+            w, b = fit_logistic(
+                x,
+                y,
+                len(self.labels),
+                l2=self.config.head_l2,
+                steps=self.config.head_steps,
+                class_weighting=self.config.head_class_weighting,
+            )
+            fit = float(np.mean((x @ w + b).argmax(1) == y))
+        else:
+            target = np.array([float(r.label) for r in rows], np.float64)
+            w, b = _fit_ridge(x, target, self.config.head_l2)
+            fit = float(np.mean(np.abs(x @ w[:, 0] + b[0] - target)))
+        full = np.zeros(self.model.manifest.param("global.head.w").shape, np.float32)
+        full[: w.shape[0]] = w  # rows for the user embedding stay 0: no user, no history
+        self.model.install_shared({"global.head.w": full, "global.head.b": b})
+        log.info("global head fitted on %d rows (%d distinct texts)", len(rows), len(texts))
+        return {
+            "train_rows": len(rows),
+            "distinct_texts": len(texts),
+            "train_fit": fit,  # accuracy (classification) or MAE (regression) on its rows
+            "feature_seconds": feature_s,
+            "fit_seconds": time.perf_counter() - start,
+        }
+
+    def personalize_all(
+        self, splits: Mapping[str, UserSplit], users: Sequence[str], skipped: dict[str, str]
+    ) -> list[UserResult]:
+        results = []
+        for done, user in enumerate(users):
+            self.progress(EvalProgress("users", done, len(users)))
+            split = splits[user]
+            self.global_predictions[user] = self._predict(GLOBAL_USER, split.test)
+            try:
+                results.append(self._personalize(user, split.train, split.test, f"u:{user}"))
+            except InvalidInputError as exc:
+                skipped[user] = f"not trained: {exc}"
+                log.warning("user %d of %d was not trained: %s", done + 1, len(users), exc)
+        self.progress(EvalProgress("users", len(users), len(users)))
+        return results
+
+    def cold_start(
+        self, splits: Mapping[str, UserSplit], results: Sequence[UserResult]
+    ) -> list[ColdStartPoint]:
+        metric = "mae" if self.task == "regression" else "macro_f1"
+        points = []
+        for k in self.config.cold_start:
+            users = [r for r in results if r.train_rows > k]
+            gains, kept = [], []
+            for done, base in enumerate(users):
+                self.progress(EvalProgress(f"cold-start k={k}", done, len(users)))
+                split = splits[base.user]
+                try:
+                    result = self._personalize(
+                        base.user, split.train[:k], split.test, f"u:{base.user}:k{k}"
+                    )
+                except InvalidInputError as exc:
+                    log.warning("cold start k=%d: a user was not trained: %s", k, exc)
+                    continue
+                g, p = base.global_metrics[metric], result.personal_metrics[metric]
+                gains.append(g - p if metric == "mae" else p - g)
+                kept.append(result.kept == "personal")
+            self.progress(EvalProgress(f"cold-start k={k}", len(users), len(users)))
+            points.append(
+                ColdStartPoint(
+                    k,
+                    len(gains),
+                    metric,
+                    _mean(gains),
+                    _metrics.bootstrap_ci(
+                        gains, resamples=self.config.bootstrap, seed=self.config.seed
+                    ),
+                    _share([gain < 0 for gain in gains]),
+                    _share(kept),
+                )
+            )
+        return points
+
+    def _personalize(
+        self, user: str, train: Sequence[Record], test: Sequence[Record], uid: str
+    ) -> UserResult:
+        start = time.perf_counter()
+        examples = [Example(r.text, label=r.label, timestamp=float(r.time)) for r in train]
+        try:
+            self.model.add_examples(uid, examples)
+            trained = self.model.train(uid, self.config.train)
+            personal_s = time.perf_counter() - start
+            personal = self._predict(uid, test)
+        finally:
+            self.model.forget(uid)
+        truth = [r.label for r in test]
+        return UserResult(
+            user=user,
+            train_rows=len(train),
+            test_rows=len(test),
+            global_metrics=self._metrics(truth, self.global_predictions[user]),
+            personal_metrics=self._metrics(truth, personal),
+            kept=trained.kept,
+            train_seconds=trained.seconds,
+            personalize_seconds=personal_s,
+            adapter_bytes=trained.adapter_bytes,
+            steps=trained.steps,
+            stopped=trained.stopped,
+            holdout_global=trained.global_score,
+            holdout_personal=trained.personal_score,
+        )
+
+    def _metrics(self, truth: list[str | float], pred: list[str | float]) -> dict[str, float]:
+        if self.task == "regression":
+            return {"mae": _metrics.mae([float(v) for v in truth], [float(v) for v in pred])}
+        t, p = [str(v) for v in truth], [str(v) for v in pred]
+        return {"macro_f1": _metrics.macro_f1(t, p), "accuracy": _metrics.accuracy(t, p)}
+
+    def _predict(self, uid: str, rows: Sequence[Record]) -> list[str | float]:
+        out: list[str | float] = []
+        for i in range(0, len(rows), _CHUNK):
+            chunk = self.model.predict(uid, [r.text for r in rows[i : i + _CHUNK]])
+            for p in chunk:
+                value = p.label if self.task == "classification" else p.score
+                assert value is not None  # the bundle's task decides which one is set
+                out.append(value)
+        return out
+
+    def _features(self, texts: Sequence[str]) -> np.ndarray:
+        parts = []
+        for i in range(0, len(texts), _CHUNK):
+            self.progress(EvalProgress("features", i, len(texts)))
+            parts.append(self.model.embed(GLOBAL_USER, texts[i : i + _CHUNK]))
+        self.progress(EvalProgress("features", len(texts), len(texts)))
+        return np.concatenate(parts).astype(np.float32)
+
+
+def _fit_ridge(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares with an L2 penalty on the weights (not the bias): W [d, 1], b [1]."""
+    mean_x, mean_y = x.mean(0), y.mean()
+    xc = (x - mean_x).astype(np.float64)
+    gram = xc.T @ xc / len(x) + l2 * np.eye(x.shape[1])
+    w = np.linalg.solve(gram, xc.T @ (y - mean_y) / len(x))
+    return w[:, None].astype(np.float32), np.array([mean_y - mean_x @ w], np.float32)
+
+
+def _summaries(
+    results: Sequence[UserResult], config: EvalConfig, task: str
+) -> dict[str, _metrics.GainSummary]:
+    names = ("mae",) if task == "regression" else ("macro_f1", "accuracy")
+    return {
+        name: _metrics.summarize(
+            name,
+            {r.user: r.global_metrics[name] for r in results},
+            {r.user: r.personal_metrics[name] for r in results},
+            lower_is_better=name == "mae",
+            resamples=config.bootstrap,
+            seed=config.seed,
+        )
+        for name in names
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else math.nan
+
+
+def _share(flags: Sequence[bool]) -> float:
+    return float(np.mean(flags)) if len(flags) else math.nan

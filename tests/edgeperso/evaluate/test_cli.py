@@ -1,0 +1,79 @@
+"""`edgeperso evaluate`: outputs on success, exit code 2 and a clear message on bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from edgeperso._cli import main
+from tests.edgeperso.evaluate.conftest import annotation_rows, write_csv
+
+FAST = ["--max-users", "2", "--cold-start", "", "--epochs", "2", "--max-seconds", "10", "-q"]
+
+
+def test_evaluate_writes_the_json_report_and_the_plots(
+    noyes_bundle: Path, annotations_csv: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    assert (
+        main(["evaluate", str(annotations_csv), str(noyes_bundle), "--out", str(out), *FAST]) == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["evaluated_users"] == 2
+    assert report["config"]["cold_start"] == []
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "per_user.png").stat().st_size > 0
+        assert (out / "gain_by_user.png").stat().st_size > 0
+
+
+def test_a_numeric_column_is_binarised_with_label_map(
+    noyes_bundle: Path, annotations_csv: Path, tmp_path: Path
+) -> None:
+    args = ["--label-column", "score", "--label-map", "x>0", "--no-plots", "--out", str(tmp_path)]
+    assert main(["evaluate", str(annotations_csv), str(noyes_bundle), *args, *FAST]) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--user-column", "rater"], "column(s) ['rater'] not found"),
+        (["--label-column", "score"], "not among the bundle's labels"),
+        (["--label-map", "x>>0"], "neither a comparison"),
+        (["--time-column", "when"], "column(s) ['when'] not found"),
+        (["--cold-start", "ten"], "--cold-start takes integers"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(
+    noyes_bundle: Path,
+    annotations_csv: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    args = ["evaluate", str(annotations_csv), str(noyes_bundle), "--out", str(tmp_path), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgeperso evaluate: error: ") and message in err
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_an_empty_or_missing_file_exits_2(
+    noyes_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = write_csv(tmp_path / "empty.csv", annotation_rows()[:1])
+    empty.write_text(empty.read_text().splitlines()[0] + "\n")
+    assert main(["evaluate", str(empty), str(noyes_bundle)]) == 2
+    assert "has no data rows" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "nope.csv"), str(noyes_bundle)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_missing_bundle_exits_2(
+    annotations_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", str(annotations_csv), "/nonexistent/bundle"]) == 2
+    assert "error" in capsys.readouterr().err

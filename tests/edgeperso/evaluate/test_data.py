@@ -1,0 +1,118 @@
+"""Reading tables, mapping labels and splitting per user (no bundle needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgeperso import InvalidInputError
+from edgeperso.evaluate import EvalConfig, LabelMap, read_table
+from edgeperso.evaluate._data import split_users, to_records
+from tests.edgeperso.evaluate.conftest import TEXTS_PER_USER, annotation_rows, write_csv
+
+LABELS = ("no", "yes")
+
+
+@pytest.mark.parametrize(
+    ("spec", "value", "expected"),
+    [
+        ("x>0", "1.0", "yes"),
+        ("x>0", "0", "no"),
+        ("x >= 2", "2", "yes"),
+        ("x<-1.5", "-2", "yes"),
+        ("x!=0", "0.0", "no"),
+        ("Hateful=yes,Non-hateful=no", "Non-hateful", "no"),
+    ],
+)
+def test_label_map_binarises_numbers_and_renames_values(
+    spec: str, value: str, expected: str
+) -> None:
+    assert LabelMap(spec).apply(value) == expected
+
+
+@pytest.mark.parametrize("spec", ["", "x>>0", "y>0", "a=yes,a=no", "=yes"])
+def test_a_malformed_label_map_is_refused(spec: str) -> None:
+    with pytest.raises(InvalidInputError):
+        LabelMap(spec)
+
+
+def test_label_map_errors_name_the_problem() -> None:
+    with pytest.raises(InvalidInputError, match="needs numbers"):
+        LabelMap("x>0").apply("high")
+    with pytest.raises(InvalidInputError, match="not listed"):
+        LabelMap("a=yes").apply("b")
+
+
+def test_csv_jsonl_and_a_joined_text_table_read_alike(tmp_path: Path) -> None:
+    rows = annotation_rows()[:5]
+    csv_rows = read_table(write_csv(tmp_path / "a.csv", rows))
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_table(jsonl) == csv_rows == rows
+    texts = [{"text_id": str(i), "text": r["text"]} for i, r in enumerate(rows)]
+    labels = [
+        {"text_id": str(i), "user": r["user"], "label": r["label"]} for i, r in enumerate(rows)
+    ]
+    joined = read_table(
+        write_csv(tmp_path / "l.csv", labels), texts=write_csv(tmp_path / "t.csv", texts)
+    )
+    assert [(r["user"], r["text"], r["label"]) for r in joined] == [
+        (r["user"], r["text"], r["label"]) for r in rows
+    ]
+
+
+def test_unreadable_inputs_are_typed_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty.csv").write_text("user,text,label\n")
+    with pytest.raises(InvalidInputError, match="no data rows"):
+        read_table(tmp_path / "empty.csv")
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        read_table(tmp_path / "missing.csv")
+    (tmp_path / "bad.jsonl").write_text("{not json}\n")
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        read_table(tmp_path / "bad.jsonl")
+
+
+def test_missing_columns_and_unknown_labels_are_named() -> None:
+    rows = annotation_rows()
+    with pytest.raises(InvalidInputError, match=r"\['rater'\] not found"):
+        to_records(rows, EvalConfig(user_column="rater"), "classification", LABELS)
+    with pytest.raises(InvalidInputError, match="not among the bundle's labels"):
+        to_records(rows, EvalConfig(label_column="score"), "classification", LABELS)
+    config = EvalConfig(label_column="score", label_map=LabelMap("x>0"))
+    records, dropped = to_records(rows, config, "classification", LABELS)
+    assert dropped == 0 and [r.label for r in records] == [r["label"] for r in rows]
+
+
+def test_rows_without_a_label_are_dropped_and_counted() -> None:
+    rows = annotation_rows()
+    rows[0] = rows[0] | {"label": ""}
+    rows[1] = rows[1] | {"label": "nan"}
+    records, dropped = to_records(rows, EvalConfig(), "classification", LABELS)
+    assert dropped == 2 and len(records) == len(rows) - 2
+
+
+def test_random_split_is_seeded_and_independent_of_other_users() -> None:
+    records, _ = to_records(annotation_rows(), EvalConfig(), "classification", LABELS)
+    first = split_users(records, EvalConfig(seed=1))
+    assert all(len(s.test) == 9 and len(s.train) == TEXTS_PER_USER - 9 for s in first.values())
+    assert first == split_users(records, EvalConfig(seed=1))
+    assert first != split_users(records, EvalConfig(seed=2))
+    alone = split_users([r for r in records if r.user == "bob"], EvalConfig(seed=1))
+    assert alone["bob"] == first["bob"]
+
+
+def test_time_split_tests_each_users_latest_rows() -> None:
+    config = EvalConfig(time_column="time", split="time")
+    records, _ = to_records(annotation_rows()[::-1], config, "classification", LABELS)
+    for split in split_users(records, config).values():
+        assert max(r.time for r in split.train) < min(r.time for r in split.test)
+
+
+def test_regression_labels_must_be_numbers() -> None:
+    rows = annotation_rows()
+    records, _ = to_records(rows, EvalConfig(label_column="score"), "regression", ())
+    assert {r.label for r in records} == {2.0, -1.0}
+    with pytest.raises(InvalidInputError, match="not a number"):
+        to_records(rows, EvalConfig(), "regression", ())

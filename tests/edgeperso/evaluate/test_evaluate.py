@@ -1,0 +1,108 @@
+"""evaluate() end to end on the tiny bundle and the generated six-user data set."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeperso import InvalidInputError, Personalizer, RawKey, Store, TrainConfig
+from edgeperso.evaluate import EvalConfig, EvalReport, LabelMap, evaluate, macro_f1
+from edgeperso.evaluate._head import fit_logistic
+from tests.edgeperso.evaluate.conftest import annotation_rows
+
+CONFIG = EvalConfig(
+    label_column="score",
+    label_map=LabelMap("x>0"),
+    time_column="time",
+    split="time",
+    cold_start=(10,),
+    train=TrainConfig(epochs=3, min_steps=20, max_seconds=20),
+    bootstrap=200,
+)
+
+
+def rows_with_a_small_user() -> list[dict[str, str]]:
+    small = [
+        {"user": "gus", "text": f"hello {i}", "label": "no", "score": "0", "time": str(i)}
+        for i in range(5)
+    ]
+    return annotation_rows() + small
+
+
+@pytest.fixture(scope="module")
+def report(noyes_bundle: Path) -> EvalReport:
+    return evaluate(rows_with_a_small_user(), noyes_bundle, CONFIG)
+
+
+def test_the_report_has_every_figure(report: EvalReport) -> None:
+    data = report.to_json()
+    json.dumps(data, allow_nan=False)  # NaN never reaches the JSON
+    assert set(data) >= {"task", "labels", "primary_metric", "bundle", "config", "data"}
+    assert set(data) >= {"global_head", "users", "summary", "cold_start", "timing", "machine"}
+    assert data["primary_metric"] == "macro_f1" and data["labels"] == ["no", "yes"]
+    assert data["data"]["evaluated_users"] == 6 and "gus" in data["data"]["skipped_users"]
+    for summary in data["summary"].values():
+        assert set(summary) >= {"global_mean", "global_median", "personal_mean"}
+        assert set(summary) >= {"gain_mean", "gain_median", "gain_ci95", "share_worse"}
+        assert set(summary) >= {"worst_decile", "worst_decile_mean_gain"}
+        low, high = summary["gain_ci95"]
+        assert low <= summary["gain_mean"] <= high
+    assert set(data["summary"]) == {"macro_f1", "accuracy"}
+    assert [c["k"] for c in data["cold_start"]] == [10, None]
+    assert data["cold_start"][0]["users"] == 6
+    assert data["timing"]["train_seconds_per_user_mean"] > 0
+    assert data["bundle"]["user_param_bytes"] > 0
+    assert data["machine"]["cpu"] and data["machine"]["cores"]
+    for user in data["users"]:
+        assert user["train_rows"] == 21 and user["test_rows"] == 9
+        assert set(user["global_metrics"]) == {"macro_f1", "accuracy"}
+        assert user["kept"] in ("personal", "global")
+        assert (user["adapter_bytes"] > 0) == (user["kept"] == "personal")
+
+
+def test_a_user_the_runtime_kept_global_scores_as_global(report: EvalReport) -> None:
+    for user in report.users:
+        if user.kept == "global":
+            assert user.personal_metrics == user.global_metrics
+
+
+def test_global_scores_are_those_of_the_fitted_head_on_each_users_latest_rows(
+    report: EvalReport, noyes_bundle: Path, tmp_path: Path
+) -> None:
+    """Redo the global level by hand: features, logistic regression, the runtime's predict."""
+    by_user: dict[str, list[dict[str, str]]] = {}
+    for row in rows_with_a_small_user():
+        by_user.setdefault(row["user"], []).append(row)
+    # 30% of each user's rows, by time, are tested; the small user's training rows count too
+    train = [r for user_rows in by_user.values() for r in user_rows[: len(user_rows) * 7 // 10]]
+    with Store.open(tmp_path / "check.db", RawKey(os.urandom(32))) as store:
+        model = Personalizer.open(noyes_bundle, store)
+        texts = sorted({r["text"] for r in train})
+        features = model.embed("nobody", texts)
+        x = features[[texts.index(r["text"]) for r in train]]
+        y = np.array([int(float(r["score"]) > 0) for r in train])
+        w, b = fit_logistic(
+            x, y, 2, l2=CONFIG.head_l2, steps=CONFIG.head_steps, class_weighting=True
+        )
+        head = np.zeros(model.manifest.param("global.head.w").shape, np.float32)
+        head[: w.shape[0]] = w
+        model.install_shared({"global.head.w": head, "global.head.b": b})
+        assert report.global_head["train_rows"] == len(train) == 6 * 21 + 3
+        assert report.global_head["train_fit"] == pytest.approx(np.mean((x @ w + b).argmax(1) == y))
+        for result in report.users:
+            test = by_user[result.user][21:]
+            predicted = [p.label or "" for p in model.predict("nobody", [r["text"] for r in test])]
+            # the runtime serves exactly the head fitted on the features it returned
+            numpy_labels = (model.embed("nobody", [r["text"] for r in test]) @ w + b).argmax(1)
+            assert predicted == [("no", "yes")[i] for i in numpy_labels]
+            truth = ["yes" if float(r["score"]) > 0 else "no" for r in test]
+            assert result.global_metrics["macro_f1"] == pytest.approx(macro_f1(truth, predicted))
+
+
+def test_raw_numeric_labels_without_a_label_map_are_refused(noyes_bundle: Path) -> None:
+    with pytest.raises(InvalidInputError, match="not among the bundle's labels"):
+        evaluate(annotation_rows(), noyes_bundle, EvalConfig(label_column="score"))
