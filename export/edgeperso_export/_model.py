@@ -63,21 +63,17 @@ def _distilbert_layer(layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> t
     return out
 
 
+_BERT_LIKE = Family(
+    layers=lambda m: m.encoder.layer,
+    embed=_bert_embed,
+    run_layer=_bert_layer,
+    default_targets=("query", "value"),
+    layer_pattern="layer",
+)
+
 FAMILIES: dict[str, Family] = {
-    "bert": Family(
-        layers=lambda m: m.encoder.layer,
-        embed=_bert_embed,
-        run_layer=_bert_layer,
-        default_targets=("query", "value"),
-        layer_pattern="layer",
-    ),
-    "roberta": Family(
-        layers=lambda m: m.encoder.layer,
-        embed=_bert_embed,
-        run_layer=_bert_layer,
-        default_targets=("query", "value"),
-        layer_pattern="layer",
-    ),
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,  # RoBERTa's layers are BERT's; its embeddings differ inside
     "distilbert": Family(
         layers=lambda m: m.transformer.layer,
         embed=lambda m, ids: m.embeddings(ids),  # no token types
