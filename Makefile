@@ -25,7 +25,7 @@ postgres:
 	else echo "PostgreSQL not installed: its coordinator tests will be skipped"; fi
 
 demo: $(STAMP)
-	$(BIN)/python examples/desktop_app.py
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/desktop_app.py
 
 test: $(STAMP) postgres lint typecheck unit
 
