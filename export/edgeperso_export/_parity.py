@@ -7,7 +7,7 @@ threshold, pass or fail.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from torch import nn
 from edgeperso.bundle import ParityCheck
 from edgeperso_export._config import ExportConfig
 from edgeperso_export._model import PersonalModel
+
+Tokenize = Callable[[list[str]], Mapping[str, torch.Tensor]]
 
 PROBE_TEXTS: tuple[str, ...] = (
     "I finally got the job, I can't stop smiling!",
@@ -137,12 +139,12 @@ def check_inference(
     config: ExportConfig,
     reference: PersonalModel,
     int8_path: Path,
-    tokenize: object,
+    tokenize: Tokenize,
 ) -> None:
     """int8 graph vs torch fp32: features, head outputs, batch invariance, adapter effect."""
     th = config.thresholds
     session = session_for(int8_path)
-    batch = tokenize(list(PROBE_TEXTS))  # type: ignore[operator]
+    batch = tokenize(list(PROBE_TEXTS))
     t_out, t_e = _torch_outputs(reference, batch)
     o_out, o_e = _ort_outputs(session, batch)
     if config.task == "embedding":
@@ -160,7 +162,7 @@ def check_inference(
         err = np.abs(t_out - o_out).max() / (t_out.std() + 1e-6)
         measured.add("max_score_error", err, th.max_score_error, False)
 
-    alone = np.concatenate([_ort_outputs(session, tokenize([t]))[1] for t in PROBE_TEXTS])  # type: ignore[operator]
+    alone = np.concatenate([_ort_outputs(session, tokenize([t]))[1] for t in PROBE_TEXTS])
     measured.add(
         "batch_invariance_cosine",
         _cos_rows(alone, o_e).min(),
@@ -184,7 +186,7 @@ def check_against_peft(
     reference: PersonalModel,
     targets: Sequence[str],
     layers: Sequence[int],
-    tokenize: object,
+    tokenize: Tokenize,
 ) -> None:
     """Our LoRA slots and layer loop vs peft's LoRA on the stock HF forward, same A and B."""
     adapter = random_adapter(reference, seed=2)
@@ -206,7 +208,7 @@ def check_against_peft(
             short = _short_name(name, reference)
             module.lora_A["default"].weight.copy_(user_only[f"user.lora.{short}.A"].T)
             module.lora_B["default"].weight.copy_(user_only[f"user.lora.{short}.B"].T)
-    batch = tokenize(list(PROBE_TEXTS))  # type: ignore[operator]
+    batch = tokenize(list(PROBE_TEXTS))
     with torch.no_grad():
         hidden = peft_model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
