@@ -111,10 +111,14 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 def load_source(source: str) -> _Source:
     path = Path(source)
-    if not path.exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or source.startswith(".")):
-        raise ExportError(f"model path {source!r} does not exist (and the hub is offline)")
-    if not path.exists() and ("/" not in source or source.startswith("/")):
-        raise ExportError(f"model path {source!r} does not exist")
+    # Anything that is not an existing directory is a hub id ("org/name"), tried only online.
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    looks_like_path = source.startswith((".", "/")) or source.count("/") != 1
+    if not path.exists() and (offline or looks_like_path):
+        raise ExportError(
+            f"model path {source!r} does not exist"
+            + (" (and the hub is offline)" if offline else "")
+        )
     if path.is_dir() and not any(path.glob("tokenizer*")) and not (path / "vocab.txt").exists():
         raise ExportError(f"{source!r} has no tokenizer files (tokenizer.json or vocab.txt)")
     try:

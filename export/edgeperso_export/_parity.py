@@ -19,7 +19,8 @@ from torch import nn
 
 from edgeperso.bundle import ParityCheck
 from edgeperso_export._config import ExportConfig
-from edgeperso_export._model import PersonalModel
+from edgeperso_export._graphs import TRAIN_BATCH
+from edgeperso_export._model import PersonalModel, TrainLoss
 
 Tokenize = Callable[[list[str]], Mapping[str, torch.Tensor]]
 
@@ -240,8 +241,6 @@ def check_gradients(
     trainable: Sequence[str],
 ) -> None:
     """train_step graph vs torch autograd on the same (dequantized) weights and values."""
-    from edgeperso_export._model import TrainLoss
-
     # Frozen parameters (the shared LoRA A) are constants of the graph: leave them as exported.
     values = {
         name: torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05
@@ -257,8 +256,6 @@ def check_gradients(
     loss = TrainLoss(train_model, trainable)(*batch, *refs.values())[0]
     loss.backward()
     session = session_for(train_path)
-    from edgeperso_export._graphs import TRAIN_BATCH
-
     feed = {k: v.detach().numpy() for k, v in zip(TRAIN_BATCH, batch, strict=True)}
     for name in train_model.named_slot_params():
         if name in trainable:
