@@ -8,12 +8,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit bench clean postgres
 
-$(STAMP): pyproject.toml export/pyproject.toml federated/pyproject.toml requirements-dev.txt
+$(STAMP): pyproject.toml export/pyproject.toml federated/pyproject.toml requirements-dev.txt \
+		federated/requirements-flower.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build; anything unpinned would pull CUDA wheels.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[cli,plots]' -e ./export -e './federated[postgres]' -r requirements-dev.txt
+	# Flower for the scale-out tests: pinned, without resolving (docs/flower.md says why).
+	$(BIN)/pip install --quiet --no-deps -r federated/requirements-flower.txt
 	touch $(STAMP)
 
 # The coordinator's tests also run against a real PostgreSQL server, which they start

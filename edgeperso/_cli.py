@@ -56,7 +56,21 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--cold-start", default="10,25,50", help="k values, e.g. 10,25,50 ('' to skip)")
     ev.add_argument("--epochs", type=int, default=10, help="on-device training epochs")
     ev.add_argument("--max-seconds", type=float, default=60.0, help="training budget per user")
-    ev.add_argument("--learning-rate", type=float, default=5e-2)
+    ev.add_argument("--learning-rate", type=float, default=1e-2)
+    ev.add_argument(
+        "--adapter",
+        action="store_true",
+        help="after the head, train LoRA + user embedding with the train graph (slower)",
+    )
+    ev.add_argument(
+        "--no-adapter", dest="adapter", action="store_false", help="the head only (default)"
+    )
+    ev.add_argument(
+        "--feature-cache",
+        type=Path,
+        help="an .npz file keeping the global head's base features between runs on the same "
+        "data and bundle (it holds embeddings of the data set's texts: evaluation data only)",
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-plots", action="store_true", help="write the JSON only")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
@@ -87,9 +101,11 @@ def _evaluate(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             max_seconds=args.max_seconds,
             learning_rate=args.learning_rate,
+            adapter=args.adapter,
             seed=args.seed,
         ),
         seed=args.seed,
+        feature_cache=str(args.feature_cache) if args.feature_cache else None,
     )
     rows = read_table(args.data, texts=args.texts, join_on=args.join_on)
     with _progress(args.quiet) as on_progress:

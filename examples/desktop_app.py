@@ -132,7 +132,8 @@ def main() -> None:
     result = model.train("alice", TrainConfig(max_seconds=60))
     console.print(
         f"\n[bold]Trained on this device[/] in {time.perf_counter() - start:.1f} s, "
-        f"{result.steps} steps: held-out macro-F1 {result.global_score:.2f} (shared) -> "
+        f"stage {result.stage!r} ({result.steps} adapter steps): held-out macro-F1 "
+        f"{result.global_score:.2f} (shared) -> "
         f"{result.personal_score:.2f} (Alice's); kept: {result.kept} ({result.reason}); "
         f"adapter {result.adapter_bytes / 1024:.0f} KiB, sealed in the store."
     )

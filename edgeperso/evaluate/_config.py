@@ -98,6 +98,8 @@ class EvalConfig:
     head_class_weighting: bool = True  # inverse-frequency weights, as the device trainer
     bootstrap: int = 2000
     seed: int = 0
+    # Base features of the data set's texts, kept between runs on the same data and bundle.
+    feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("user_column", "text_column", "label_column"):
@@ -116,6 +118,8 @@ class EvalConfig:
         for name, low in (("min_user_rows", 4), ("head_steps", 1), ("bootstrap", 1)):
             _int(getattr(self, name), name, low)
         _int(self.seed, "seed", 0)
+        if self.feature_cache is not None and not isinstance(self.feature_cache, str):
+            raise InvalidInputError("EvalConfig.feature_cache must be a path (str) or None")
         if self.max_users is not None:
             _int(self.max_users, "max_users", 1)
         object.__setattr__(self, "cold_start", tuple(sorted(set(self.cold_start))))

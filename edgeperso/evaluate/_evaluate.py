@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -19,9 +20,9 @@ from edgeperso.bundle import Bundle
 from edgeperso.evaluate import _metrics
 from edgeperso.evaluate._config import EvalConfig
 from edgeperso.evaluate._data import Record, UserSplit, read_table, split_users, to_records
-from edgeperso.evaluate._head import fit_logistic
 from edgeperso.evaluate._report import ColdStartPoint, EvalReport, UserResult, machine_info
 from edgeperso.runtime import Personalizer
+from edgeperso.runtime._head import fit_logistic, fit_ridge
 from edgeperso.store import Example, RawKey, Store
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ class _Run:
             fit = float(np.mean((x @ w + b).argmax(1) == y))
         else:
             target = np.array([float(r.label) for r in rows], np.float64)
-            w, b = _fit_ridge(x, target, self.config.head_l2)
+            w, b = fit_ridge(x, target, self.config.head_l2)
             fit = float(np.mean(np.abs(x @ w[:, 0] + b[0] - target)))
         full = np.zeros(self.model.manifest.param("global.head.w").shape, np.float32)
         full[: w.shape[0]] = w  # rows for the user embedding stay 0: no user, no history
@@ -269,6 +270,8 @@ class _Run:
             global_metrics=self._metrics(truth, self.global_predictions[user]),
             personal_metrics=self._metrics(truth, personal),
             kept=trained.kept,
+            stage=trained.stage,
+            head_l2=trained.head_l2,
             train_seconds=trained.seconds,
             personalize_seconds=personal_s,
             adapter_bytes=trained.adapter_bytes,
@@ -295,21 +298,27 @@ class _Run:
         return out
 
     def _features(self, texts: Sequence[str]) -> np.ndarray:
-        parts = []
-        for i in range(0, len(texts), _CHUNK):
-            self.progress(EvalProgress("features", i, len(texts)))
-            parts.append(self.model.embed(GLOBAL_USER, texts[i : i + _CHUNK]))
-        self.progress(EvalProgress("features", len(texts), len(texts)))
-        return np.concatenate(parts).astype(np.float32)
-
-
-def _fit_ridge(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
-    """Least squares with an L2 penalty on the weights (not the bias): W [d, 1], b [1]."""
-    mean_x, mean_y = x.mean(0), y.mean()
-    xc = (x - mean_x).astype(np.float64)
-    gram = xc.T @ xc / len(x) + l2 * np.eye(x.shape[1])
-    w = np.linalg.solve(gram, xc.T @ (y - mean_y) / len(x))
-    return w[:, None].astype(np.float32), np.array([mean_y - mean_x @ w], np.float32)
+        """Base features of `texts`, from the feature cache where it has them."""
+        scope = self.model._bundle_identity().encode()
+        keys = [hashlib.sha256(scope + t.encode()).hexdigest() for t in texts]
+        cached: dict[str, np.ndarray] = {}
+        path = Path(self.config.feature_cache) if self.config.feature_cache else None
+        if path is not None and path.exists():
+            with np.load(path, allow_pickle=False) as npz:
+                cached = dict(zip(npz["keys"].tolist(), npz["features"], strict=True))
+        missing = [t for t, k in zip(texts, keys, strict=True) if k not in cached]
+        for i in range(0, len(missing), _CHUNK):
+            self.progress(EvalProgress("features", i, len(missing)))
+            chunk = missing[i : i + _CHUNK]
+            rows = self.model.embed(GLOBAL_USER, chunk).astype(np.float32)
+            for text, row in zip(chunk, rows, strict=True):
+                cached[hashlib.sha256(scope + text.encode()).hexdigest()] = row
+        self.progress(EvalProgress("features", len(missing), len(missing)))
+        if path is not None and missing:
+            names = sorted(cached)
+            with path.open("wb") as out:
+                np.savez(out, keys=np.array(names), features=np.stack([cached[k] for k in names]))
+        return np.stack([cached[k] for k in keys])
 
 
 def _summaries(

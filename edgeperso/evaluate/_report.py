@@ -25,13 +25,15 @@ class UserResult:
     global_metrics: Mapping[str, float]
     personal_metrics: Mapping[str, float]
     kept: str  # "personal" or "global": what train() kept
+    stage: str  # TrainResult.stage: "global", "head" or "adapter"
+    head_l2: float | None  # TrainResult.head_l2
     train_seconds: float  # TrainResult.seconds
     personalize_seconds: float  # storing the examples (encrypted, embedded) + training
     adapter_bytes: int  # size of the stored adapter (0 when the runtime kept "global")
     steps: int
     stopped: str
-    # The runtime's own check on the held-out slice of the training rows (TrainResult):
-    # what decided `kept`.
+    # The runtime's own held-out scores of the training rows (TrainResult): what decided
+    # `kept` (cross-validation for the head, a held-out slice for the adapter).
     holdout_global: float
     holdout_personal: float
 

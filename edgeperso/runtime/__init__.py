@@ -1,6 +1,6 @@
 """Personalized inference and on-device training over a bundle and an encrypted store."""
 
-from edgeperso.runtime._personalizer import Personalizer, Prediction
+from edgeperso.runtime._personalizer import Personalizer, Prediction, SharedUpdate
 from edgeperso.runtime._session import SessionOptions
 from edgeperso.runtime._trainer import TrainConfig, TrainProgress, TrainResult
 
@@ -8,6 +8,7 @@ __all__ = [
     "Personalizer",
     "Prediction",
     "SessionOptions",
+    "SharedUpdate",
     "TrainConfig",
     "TrainProgress",
     "TrainResult",

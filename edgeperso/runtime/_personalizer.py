@@ -17,6 +17,7 @@ import numpy as np
 from edgeperso._errors import InvalidInputError, UnsupportedError
 from edgeperso.bundle import INFER_GRAPH, Bundle, Manifest
 from edgeperso.runtime import _params
+from edgeperso.runtime._head import fit_logistic, fit_ridge
 from edgeperso.runtime._params import Params
 from edgeperso.runtime._session import Graph, SessionOptions
 from edgeperso.runtime._tokenize import Encoded, TextEncoder, check_texts
@@ -31,13 +32,18 @@ from edgeperso.runtime._trainer import (
     learning_rate,
     macro_f1,
     split_holdout,
+    stratified_folds,
 )
-from edgeperso.store import Example, Feedback, Store
+from edgeperso.store import Example, Feedback, KeyProvider, Store
+from edgeperso.store._package import open_package, seal_package
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "adapter"  # the user's accepted parameters (blob name in the store)
+IMPORTED_HISTORY = "imported-history"  # history embeddings that came with an imported adapter
+ADAPTER_PACKAGE = "edgeperso.adapter/1"  # the kind of sealed package export_adapter writes
 CHECKPOINT = "train-checkpoint"  # optimizer state of an unfinished train() call
+CORRECTION = "correction"  # a feedback event that relabels an example
 SHARED_USER = "__edgeperso_shared__"  # persona/global parameters installed by federation
 
 
@@ -55,15 +61,38 @@ class Prediction:
 
 @dataclasses.dataclass
 class _Prepared:
-    """A user's training data in memory: the frozen lower half computed once."""
+    """A user's training data in memory: what the frozen model gives once per example."""
 
     ids: list[np.ndarray]  # per example [len] int64 token ids
-    prefix: list[np.ndarray]  # per example [len, d] float32
+    prefix: list[np.ndarray]  # per example [len, d] float32 (empty without an adapter stage)
+    features: np.ndarray  # [n, d] pooled features under the shared parameters
+    shared_out: np.ndarray  # [n, C] the shared model's outputs (logits or scores)
     targets: np.ndarray  # [n, C] float32
     labels: np.ndarray | None  # [n] int64 for classification
     history: np.ndarray  # [H, d]
     history_mask: np.ndarray  # [H]
     truncated: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedUpdate:
+    """What `Personalizer.shared_update` gives `FederationClient.contribute`."""
+
+    before: Params  # the persona/global parameters the device started from
+    after: Params  # the same names, refitted on the user's examples
+    summary: np.ndarray  # [hidden] unit-norm mean of the user's text features
+    num_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _AdapterRun:
+    steps: int
+    holdout: int
+    stopped: str
+    resumed: int
+    epochs: float = 0.0
+    global_score: float = math.nan
+    score: float = math.nan
 
 
 class Personalizer:
@@ -123,13 +152,75 @@ class Personalizer:
         return ids
 
     def add_feedback(self, user: str, events: Sequence[Feedback]) -> list[int]:
+        """Store feedback events (encrypted). A `Feedback("correction", value=label,
+        example_id=id)` replaces that example's label in later training; other events are
+        kept for the app."""
         if not events:
             raise InvalidInputError("events is empty")
+        for i, event in enumerate(events):
+            if not isinstance(event, Feedback):
+                raise InvalidInputError(f"events[{i}] is not an edgeperso Feedback")
+            if event.event == CORRECTION:
+                if event.example_id is None or event.value is None:
+                    raise InvalidInputError(
+                        f"events[{i}]: a correction names an example_id and its new value"
+                    )
+                self._check_label(event.value, f"events[{i}].value")
         return self.store.add_feedback(user, events)
 
     def forget(self, user: str) -> bool:
         """Crypto-shred everything about `user`: examples, embeddings, adapter, checkpoints."""
         return self.store.forget_user(user)
+
+    # -- moving a user between devices --------------------------------------------------------
+
+    def export_adapter(self, user: str, key: KeyProvider) -> bytes:
+        """The user's accepted adapter and the history embeddings it attends over, sealed so
+        that `import_adapter(..., key)` on another device opens it (e.g. a PassphraseKey the
+        user types on both). Raw examples are not included: move those with a store backup.
+        """
+        blob = self.store.get_blob(user, ADAPTER)
+        if blob is None:
+            raise InvalidInputError(
+                "this user has no accepted adapter to export (train() kept the shared model "
+                "or was never run)"
+            )
+        history, mask = self._history(user)
+        payload = _params.from_bytes(blob) | {
+            "__history__": history[mask > 0],
+            "__bundle__": np.frombuffer(self._bundle_identity().encode(), np.uint8),
+        }
+        return seal_package(_params.to_bytes(payload), ADAPTER_PACKAGE, key)
+
+    def import_adapter(self, user: str, package: bytes, key: KeyProvider) -> None:
+        """Install an adapter exported by `export_adapter` for `user` on this device. The
+        package must come from the same bundle; the user's own later examples are attended
+        over after the imported history."""
+        params = _params.from_bytes(open_package(package, ADAPTER_PACKAGE, key))
+        identity = bytes(params.pop("__bundle__", np.zeros(0, np.uint8))).decode(errors="replace")
+        if identity != self._bundle_identity():
+            raise UnsupportedError(
+                "this adapter was trained for another bundle (a different model or export); "
+                "retrain the user on this device instead"
+            )
+        history = params.pop("__history__")
+        specs = self.manifest.params_at("user")
+        if set(params) != {s.name for s in specs}:
+            raise InvalidInputError("the package does not hold this bundle's user parameters")
+        _params.check_params(specs, params)
+        width = self.manifest.hidden_size
+        if history.dtype != np.float32 or history.ndim != 2 or history.shape[1] != width:
+            raise InvalidInputError("the package's history embeddings have the wrong shape")
+        with self.store.lock_user(user):
+            self.store.put_blob(user, IMPORTED_HISTORY, _params.to_bytes({"h": history}), keep=1)
+            self.store.put_blob(user, ADAPTER, _params.to_bytes(params), keep=2)
+
+    def _bundle_identity(self) -> str:
+        """The hashes of the graphs a user's parameters are tied to."""
+        graphs = {INFER_GRAPH, *(g.file for g in self.manifest.train.graphs)}
+        return ",".join(
+            sorted(f"{f.path}={f.sha256}" for f in self.manifest.files if f.path in graphs)
+        )
 
     # -- inference --------------------------------------------------------------------------
 
@@ -204,6 +295,39 @@ class Personalizer:
         self.store.put_blob(SHARED_USER, "shared", _params.to_bytes(updated), keep=2)
         self._shared = updated
 
+    def shared_update(self, user: str, names: Sequence[str], *, l2: float = 1.0) -> SharedUpdate:
+        """This device's contribution to a federated round over the shared parameters `names`
+        (a round's persona/global parameter names): the global head's delta and the persona
+        bias refitted on the user's examples, the user's summary for persona routing, and the
+        example count. User-level parameters are never part of it.
+
+            update = model.shared_update("alice", [p.name for p in task.layout.params])
+            client.contribute(task, before=update.before, after=update.after,
+                              summary=update.summary, num_examples=update.num_examples)
+        """
+        unknown = [n for n in names if n not in self._shared]
+        if unknown:
+            raise InvalidInputError(
+                f"not persona/global parameters of this bundle: {sorted(unknown)}"
+            )
+        if not (isinstance(l2, int | float) and math.isfinite(l2) and l2 > 0):
+            raise InvalidInputError("l2 must be a finite number > 0")
+        config = TrainConfig()
+        examples = self._training_examples(user, config)
+        self._check_enough(examples)
+        data = self._prepare(user, examples, with_prefix=False)
+        w, b = self._fit_head(data, np.arange(len(examples)), float(l2), config)
+        before = {n: self._shared[n].copy() for n in names}
+        after = {n: v.copy() for n, v in before.items()}
+        if "global.head.w" in after:
+            after["global.head.w"][: w.shape[0]] += w
+        bias = "persona.bias" if "persona.bias" in after else "global.head.b"
+        if bias in after:
+            after[bias] += b
+        summary = data.features.mean(0)
+        summary /= max(float(np.linalg.norm(summary)), 1e-12)
+        return SharedUpdate(before, after, summary.astype(np.float32), len(examples))
+
     # -- training ---------------------------------------------------------------------------
 
     def train(
@@ -240,28 +364,137 @@ class Personalizer:
     ) -> TrainResult:
         start = time.perf_counter()
         examples = self._training_examples(user, config)
-        data = self._prepare(user, examples)
+        self._check_enough(examples)
+        data = self._prepare(user, examples, with_prefix=config.adapter)
         rng = np.random.default_rng(config.seed)
-        train_idx, held_idx = split_holdout(
-            None if data.labels is None else list(data.labels),
-            len(examples),
-            config.holdout_fraction,
-            rng,
+        labels = None if data.labels is None else list(data.labels)
+
+        # Stage 1: the head, cross-validated against the shared model on every example.
+        folds = stratified_folds(labels, len(examples), config.folds, rng)
+        global_score = self._score(data, np.arange(len(examples)), data.shared_out)
+        head_l2, head_score = None, global_score
+        for l2 in config.head_l2:
+            predicted = np.zeros_like(data.shared_out)
+            for k in range(int(folds.max()) + 1):
+                fit, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+                w, b = self._fit_head(data, fit, l2, config)
+                predicted[held] = data.shared_out[held] + data.features[held] @ w + b
+            score = self._score(data, np.arange(len(examples)), predicted)
+            if self._better(score, head_score):
+                head_l2, head_score = l2, score
+        kept: Params | None = None
+        stage, personal_score = "global", head_score
+        if head_l2 is not None:
+            kept = self._head_params(
+                *self._fit_head(data, np.arange(len(examples)), head_l2, config)
+            )
+            stage = "head"
+
+        # Stage 2: the adapter, from the head fitted on the training slice only.
+        adapter = _AdapterRun(0, 0, "completed", 0)
+        if config.adapter:
+            trained, adapter = self._train_adapter(
+                user, data, head_l2, config, rng, start, on_progress, cancel
+            )
+            if trained is not None:
+                kept, stage = trained, "adapter"
+                global_score, personal_score = adapter.global_score, adapter.score
+        self.store.delete_blob(user, CHECKPOINT)
+
+        size = 0
+        if kept is not None:
+            blob = _params.to_bytes(kept)
+            self.store.put_blob(user, ADAPTER, blob, keep=2)
+            size = len(blob)
+            reason = (
+                "the head beats the shared model in cross-validation"
+                if stage == "head"
+                else "the adapter beats the shared model and the head on held-out data"
+            )
+        else:
+            self.store.delete_blob(user, ADAPTER)
+            reason = "the user's parameters did not beat the shared model on held-out data"
+        return TrainResult(
+            kept="global" if kept is None else "personal",
+            stage=stage,  # type: ignore[arg-type]
+            reason=reason,
+            metric="mae" if self.manifest.task == "regression" else "macro_f1",
+            global_score=global_score,
+            personal_score=personal_score,
+            head_l2=head_l2,
+            examples=len(examples),
+            holdout=adapter.holdout,
+            steps=adapter.steps,
+            epochs=adapter.epochs,
+            seconds=time.perf_counter() - start,
+            stopped=adapter.stopped,  # type: ignore[arg-type]
+            truncated_texts=data.truncated,
+            resumed_from_step=adapter.resumed,
+            adapter_bytes=size,
         )
-        if len(train_idx) == 0 or len(held_idx) == 0:
-            raise InvalidInputError("not enough examples to hold some out; add more examples")
+
+    def _fit_head(
+        self, data: _Prepared, rows: np.ndarray, l2: float, config: TrainConfig
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The user's head delta (W [d, C], b [C]) on top of the shared model's outputs."""
+        x, offset = data.features[rows], data.shared_out[rows]
+        if data.labels is None:
+            return fit_ridge(x, data.targets[rows, 0], l2, offset=offset[:, 0])
+        return fit_logistic(
+            x,
+            data.labels[rows],
+            len(self.manifest.labels),
+            l2=l2,
+            steps=200,
+            class_weighting=config.class_weighting,
+            offset=offset,
+        )
+
+    def _head_params(self, w: np.ndarray, b: np.ndarray, base: Params | None = None) -> Params:
+        params = base if base is not None else self._zero_user()
+        params["user.head.w"][: w.shape[0]] = w
+        params["user.bias"][:] = b
+        return params
+
+    def _score(self, data: _Prepared, rows: np.ndarray, out: np.ndarray) -> float:
+        if data.labels is not None:
+            return macro_f1(data.labels[rows], out[rows].argmax(-1))
+        return float(np.abs(out[rows, 0] - data.targets[rows, 0]).mean())
+
+    def _train_adapter(
+        self,
+        user: str,
+        data: _Prepared,
+        head_l2: float | None,
+        config: TrainConfig,
+        rng: np.random.Generator,
+        start: float,
+        on_progress: Callable[[TrainProgress], None] | None,
+        cancel: Callable[[], bool] | None,
+    ) -> tuple[Params | None, _AdapterRun]:
+        """Train LoRA, user embedding and head from the stage-1 head (fitted on the training
+        slice), picking the best pass on the held-out slice. Returns the parameters when
+        they beat both the shared model and that head on the held-out slice."""
+        n = len(data.ids)
+        train_idx, held_idx = split_holdout(
+            None if data.labels is None else list(data.labels), n, config.holdout_fraction, rng
+        )
         params = _params.fresh_user_params(self.manifest, rng)
+        if head_l2 is not None:
+            params = self._head_params(*self._fit_head(data, train_idx, head_l2, config), params)
         optimizer = AdamW(config.weight_decay)
         batch = self.manifest.train.graphs[0].batch_size
         steps_per_epoch = math.ceil(len(train_idx) / batch)
         total = max(steps_per_epoch * config.epochs, config.min_steps)
         if config.max_steps is not None:
             total = min(total, config.max_steps)
-        fingerprint = self._fingerprint(examples, config)
+        fingerprint = self._fingerprint(data, config)
         step, best, best_score, resumed = self._resume(user, fingerprint, params, optimizer)
-        global_score = self._evaluate(data, held_idx, None)
+        global_score = self._score(data, held_idx, data.shared_out)
+        start_score = self._evaluate(data, held_idx, params)
+        floor = start_score if self._better(start_score, global_score) else global_score
         if best is None:
-            best_score = global_score
+            best_score = floor
         budget = Budget(config, cancel, start)
         weights = None
         if data.labels is not None:
@@ -269,7 +502,6 @@ class Personalizer:
                 data.labels[train_idx], len(self.manifest.labels), config.class_weighting
             )
         stopped = "completed"
-        loss = float("nan")
         # Held-out evaluation (and checkpointing) about ten times per call, not every pass.
         passes, eval_every = 0, max(1, math.ceil(total / steps_per_epoch / 10))
         while step < total:
@@ -304,67 +536,61 @@ class Personalizer:
             self._checkpoint(user, fingerprint, step, params, optimizer, best, best_score)
             if stopped != "completed":
                 break
-        self.store.delete_blob(user, CHECKPOINT)
-        kept, reason = (
-            "global",
-            "the trained parameters did not beat the shared model on held-out data",
+        run = _AdapterRun(
+            step, len(held_idx), stopped, resumed, step / steps_per_epoch, global_score, best_score
         )
-        size = 0
-        if best is not None and self._better(best_score, global_score):
-            blob = _params.to_bytes(best)
-            self.store.put_blob(user, ADAPTER, blob, keep=2)
-            kept, reason, size = "personal", "beats the shared model on held-out data", len(blob)
-        else:
-            self.store.delete_blob(user, ADAPTER)
-        return TrainResult(
-            kept=kept,  # type: ignore[arg-type]
-            reason=reason,
-            metric="mae" if self.manifest.task == "regression" else "macro_f1",
-            global_score=global_score,
-            personal_score=best_score,
-            examples=len(examples),
-            holdout=len(held_idx),
-            steps=step,
-            epochs=step / steps_per_epoch,
-            seconds=time.perf_counter() - start,
-            stopped=stopped,  # type: ignore[arg-type]
-            truncated_texts=data.truncated,
-            resumed_from_step=resumed,
-            adapter_bytes=size,
-        )
+        return (best if best is not None and self._better(best_score, floor) else None), run
 
     def _training_examples(self, user: str, config: TrainConfig) -> list[Example]:
-        examples = [ex for ex in self.store.examples(user) if ex.label is not None]
+        corrections: dict[int, str | int | float | None] = {}
+        for event in sorted(self.store.feedback(user), key=lambda e: (e.timestamp, e.id or 0)):
+            if event.event == CORRECTION and event.example_id is not None:
+                corrections[event.example_id] = event.value
+        examples = [
+            dataclasses.replace(ex, label=corrections[ex.id]) if ex.id in corrections else ex
+            for ex in self.store.examples(user)
+        ]
+        examples = [ex for ex in examples if ex.label is not None]
         examples.sort(key=lambda ex: (ex.timestamp, ex.id or 0))
         if config.max_examples is not None:
             examples = examples[-config.max_examples :]
+        return examples
+
+    def _check_enough(self, examples: list[Example]) -> None:
         if len(examples) < 4:
             raise InvalidInputError(
                 f"user has {len(examples)} labelled examples; training needs at least 4 "
                 "(some are held out to check the result against the shared model)"
             )
-        return examples
 
-    def _prepare(self, user: str, examples: list[Example]) -> _Prepared:
-        texts = [ex.text for ex in examples]
-        ids, prefixes, truncated = [], [], 0
+    def _prepare(self, user: str, examples: list[Example], *, with_prefix: bool) -> _Prepared:
+        """One run of the inference graph per example, under the shared parameters and the
+        user's history with no user parameters: exactly what a fresh user is served."""
+        ids, prefixes, features, outputs, truncated = [], [], [], [], 0
         # Training pads to the exported sequence buckets; a text longer than the largest one
         # is cut there, and counted as truncated like a text over max_length.
-        longest = max(g.seq_len for g in self.manifest.train.graphs)
-        for text in texts:
-            enc = self._encoder.encode([text])
-            truncated += int(enc.truncated[0] or enc.input_ids.shape[1] > longest)
-            (prefix,) = self._infer.run(["prefix"], self._base_feeds(enc))
-            ids.append(enc.input_ids[0])
-            prefixes.append(prefix[0])
+        longest = max((g.seq_len for g in self.manifest.train.graphs), default=0)
         history, mask = self._history(user)
+        feeds = _params.infer_feeds(self.manifest, self._shared | self._zero_user())
+        feeds |= {"history": history, "history_mask": mask}
+        wanted = ["features", "output", *(["prefix"] if with_prefix else [])]
+        for ex in examples:
+            enc = self._encoder.encode([ex.text])
+            truncated += int(enc.truncated[0] or (with_prefix and enc.input_ids.shape[1] > longest))
+            values = self._infer.run(wanted, feeds | self._base_feeds(enc))
+            ids.append(enc.input_ids[0])
+            features.append(values[0][0])
+            outputs.append(values[1][0])
+            if with_prefix:
+                prefixes.append(values[2][0])
+        common = (ids, prefixes, np.stack(features), np.stack(outputs))
         if self.manifest.task == "classification":
             index = {label: i for i, label in enumerate(self.manifest.labels)}
             labels = np.array([index[str(ex.label)] for ex in examples], np.int64)
             targets = np.eye(len(index), dtype=np.float32)[labels]
-            return _Prepared(ids, prefixes, targets, labels, history, mask, truncated)
+            return _Prepared(*common, targets, labels, history, mask, truncated)
         scores = np.array([[float(ex.label)] for ex in examples], np.float32)  # type: ignore[arg-type]
-        return _Prepared(ids, prefixes, scores, None, history, mask, truncated)
+        return _Prepared(*common, scores, None, history, mask, truncated)
 
     def _step(
         self,
@@ -422,10 +648,9 @@ class Personalizer:
             ids = data.ids[i][None, :]
             run = feeds | {"input_ids": ids, "attention_mask": np.ones_like(ids)}
             outs.append(self._infer.run(["output"], run)[0][0])
-        out = np.stack(outs)
-        if data.labels is not None:
-            return macro_f1(data.labels[rows], out.argmax(-1))
-        return float(np.abs(out[:, 0] - data.targets[rows, 0]).mean())
+        full = np.zeros((len(data.ids), outs[0].shape[-1]), np.float32)
+        full[rows] = np.stack(outs)
+        return self._score(data, rows, full)
 
     def _better(self, score: float, than: float) -> bool:
         return score < than if self.manifest.task == "regression" else score > than
@@ -464,9 +689,12 @@ class Personalizer:
         history = np.zeros((size, self.manifest.hidden_size), np.float32)
         mask = np.zeros(size, np.float32)
         cached = self.store.embeddings(user) if ue else {}
-        recent = sorted(cached)[-size:]
-        for row, key in enumerate(recent):
-            history[row] = cached[key]
+        rows = [cached[k] for k in sorted(cached)]
+        imported = self.store.get_blob(user, IMPORTED_HISTORY) if ue else None
+        if imported is not None:  # older than anything added on this device
+            rows = list(_params.from_bytes(imported)["h"]) + rows
+        for row, vector in enumerate(rows[-size:]):
+            history[row] = vector
             mask[row] = 1.0
         return history, mask
 
@@ -506,10 +734,12 @@ class Personalizer:
         empty = np.zeros((0, 0), np.int64)
         return stacked, Encoded(empty, empty, tuple(truncated))
 
-    def _fingerprint(self, examples: list[Example], config: TrainConfig) -> str:
+    def _fingerprint(self, data: _Prepared, config: TrainConfig) -> str:
+        """Same examples, labels and settings: a checkpoint made for them may be resumed."""
         digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
-        for ex in examples:
-            digest.update(str(ex.id).encode() + b",")
+        for ids in data.ids:
+            digest.update(ids.tobytes() + b",")
+        digest.update(data.targets.tobytes())
         return digest.hexdigest()
 
     def _checkpoint(

@@ -11,7 +11,7 @@ import pytest
 
 from edgeperso import InvalidInputError, Personalizer, RawKey, Store, TrainConfig
 from edgeperso.evaluate import EvalConfig, EvalReport, LabelMap, evaluate, macro_f1
-from edgeperso.evaluate._head import fit_logistic
+from edgeperso.runtime._head import fit_logistic
 from tests.edgeperso.evaluate.conftest import annotation_rows
 
 CONFIG = EvalConfig(
@@ -20,7 +20,7 @@ CONFIG = EvalConfig(
     time_column="time",
     split="time",
     cold_start=(10,),
-    train=TrainConfig(epochs=3, min_steps=20, max_seconds=20),
+    train=TrainConfig(adapter=True, epochs=3, min_steps=20, max_seconds=20),
     bootstrap=200,
 )
 

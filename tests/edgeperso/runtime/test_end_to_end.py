@@ -67,7 +67,7 @@ def test_training_improves_held_out_accuracy_on_a_separable_personal_task(
     bystander = model.score("bob", [text for text, _ in HELD_OUT])
 
     # The default learning rate, as an app would train.
-    result = model.train("alice", TrainConfig(epochs=15, max_seconds=120))
+    result = model.train("alice", TrainConfig(adapter=True, epochs=15, max_seconds=120))
 
     assert result.stopped == "completed"
     assert result.kept == "personal"

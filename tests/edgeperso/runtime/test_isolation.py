@@ -16,7 +16,9 @@ from edgeperso.store import Store
 from tests.edgeperso.runtime.conftest import MARKETS, PETS, topic_examples
 
 TEXTS = [*PETS, *MARKETS, "something else entirely"]
-LEARNABLE = TrainConfig(epochs=20, learning_rate=0.2)  # reliably beats the shared model
+LEARNABLE = TrainConfig(
+    adapter=True, epochs=20, learning_rate=0.2
+)  # reliably beats the shared model
 
 
 def shared_model_outputs(bundle_dir: Path, texts: list[str]) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeperso import InvalidInputError
@@ -34,18 +35,19 @@ def test_texts_and_trained_weights_never_reach_the_disk_in_plaintext(
             for ex in topic_examples(12)
         ]
         model.add_examples("alice", examples)
-        result = model.train("alice", TrainConfig(epochs=20, learning_rate=0.2))
+        result = model.train("alice", TrainConfig(adapter=True, epochs=20, learning_rate=0.2))
         assert result.kept == "personal"
         adapter = store.get_blob("alice", "adapter")
         assert adapter is not None
         weights = from_bytes(adapter)
-        secrets = {
-            "marker": MARKER.encode(),
-            "user.bias": weights["user.bias"].tobytes(),
-            "user.vector": weights["user.vector"].tobytes(),
-            "a user LoRA B row": weights["user.lora.l1.value.B"][0].tobytes(),
-        }
-        assert weights["user.bias"].any()  # zeros would be found everywhere
+        secrets = {"marker": MARKER.encode()}
+        for name, value in weights.items():
+            head = value.reshape(-1)[:2]  # 8 bytes, if no zero among them: a distinctive needle
+            if np.count_nonzero(head) == len(head):
+                secrets[name] = head.tobytes()
+        # Whichever stage won, the user's head and bias are trained (zeros would be found
+        # everywhere, so they would not be a test).
+        assert {"user.bias", "user.head.w"} <= set(secrets)
         # While open: the WAL and shared-memory files hold the latest pages.
         open_files = files_under(home)
         assert {"profile.db", "profile.db-wal"} <= {p.name for p in open_files}
@@ -68,8 +70,10 @@ def test_no_log_record_carries_user_text_or_labels(
         for ex in topic_examples(6)
     ]
     classifier.add_examples("alice", examples)
-    classifier.train("alice", TrainConfig(epochs=2))
-    classifier.train("alice", TrainConfig(epochs=2, seed=1))  # a discarded checkpoint, logged
+    classifier.train("alice", TrainConfig(adapter=True, epochs=2))
+    classifier.train(
+        "alice", TrainConfig(adapter=True, epochs=2, seed=1)
+    )  # a discarded checkpoint, logged
     classifier.predict("alice", [f"what about {MARKER}"])
     classifier.similar("alice", f"and {MARKER}")
 

@@ -12,6 +12,7 @@ import pytest
 from edgeperso import InvalidInputError
 from edgeperso.runtime import Personalizer
 from edgeperso.store import RawKey, Store
+from tests.edgeperso.runtime.conftest import MARKETS, PETS, topic_examples
 
 TEXTS = ["the cat sat on the mat", "stock prices fell"]
 
@@ -88,3 +89,32 @@ def test_shared_params_returns_copies(classifier: Personalizer) -> None:
     copy = classifier.shared_params()
     copy["global.head.b"][:] = 100.0
     assert not np.any(classifier.shared_params()["global.head.b"] == 100.0)
+
+
+def test_a_shared_update_holds_only_shared_parameters_and_moves_the_head_toward_the_user(
+    classifier: Personalizer,
+) -> None:
+    classifier.add_examples("alice", topic_examples(12, pets="b", markets="a"))
+    names = ["global.head.w", "global.head.b", "persona.bias"]
+    trained_before = classifier.store.blobs("alice")
+
+    update = classifier.shared_update("alice", names, l2=0.01)
+
+    assert set(update.before) == set(update.after) == set(names)
+    assert not any(n.startswith("user.") for n in update.after)
+    assert update.num_examples == 24
+    assert update.summary.shape == (classifier.manifest.hidden_size,)
+    assert np.linalg.norm(update.summary) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_array_equal(update.before["global.head.b"], update.after["global.head.b"])
+    assert np.abs(update.after["global.head.w"] - update.before["global.head.w"]).max() > 0
+    assert classifier.store.blobs("alice") == trained_before  # nothing stored, nothing trained
+    # Installed as the shared model, the update sorts the user's topics her way for everyone.
+    classifier.install_shared(update.after)
+    bob = classifier.predict("bob", [PETS[0], MARKETS[0]])
+    assert [p.label for p in bob] == ["b", "a"]
+
+
+def test_a_shared_update_refuses_user_parameters(classifier: Personalizer) -> None:
+    classifier.add_examples("alice", topic_examples(4))
+    with pytest.raises(InvalidInputError, match="not persona/global"):
+        classifier.shared_update("alice", ["user.bias"])

@@ -23,6 +23,7 @@ from edgeperso.runtime._trainer import (
     learning_rate,
     macro_f1,
     split_holdout,
+    stratified_folds,
 )
 
 SHAPES = {"user.bias": (3,), "user.vector": (32,), "user.lora.l1.query.B": (8, 32)}
@@ -183,6 +184,24 @@ def test_holdout_split_without_labels_keeps_both_sides_non_empty(
     assert len(train) >= 1
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 2), min_size=2, max_size=60),
+    k=st.integers(2, 6),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_folds_are_balanced_per_class_and_overall(labels: list[int], k: int, seed: int) -> None:
+    folds = stratified_folds(labels, len(labels), k, np.random.default_rng(seed))
+
+    used = min(k, len(labels))
+    assert set(folds) <= set(range(used))
+    sizes = np.bincount(folds, minlength=used)
+    assert sizes.max() - sizes.min() <= 1
+    for cls in set(labels):
+        per_fold = np.bincount(folds[np.array(labels) == cls], minlength=used)
+        assert per_fold.max() - per_fold.min() <= 1
+
+
 def test_holdout_split_depends_only_on_the_seed() -> None:
     labels = [0, 1, 2] * 10
     first = split_holdout(labels, 30, 0.2, np.random.default_rng(7))
@@ -195,6 +214,12 @@ def test_holdout_split_depends_only_on_the_seed() -> None:
     "field",
     [
         {"epochs": 0},
+        {"folds": 1},
+        {"head_l2": ()},
+        {"head_l2": (0.0,)},
+        {"head_l2": "0.1"},
+        {"head_l2": (float("nan"),)},
+        {"adapter": 1},
         {"epochs": -1},
         {"epochs": 2.5},
         {"epochs": "3"},

@@ -21,7 +21,7 @@ import pytest
 from edgeperso import InvalidInputError, LockedError
 from edgeperso.runtime import Personalizer, TrainConfig, TrainProgress, TrainResult
 from edgeperso.runtime._params import from_bytes
-from edgeperso.store import Example, RawKey, Store
+from edgeperso.store import Example, Feedback, RawKey, Store
 from tests.edgeperso.runtime.conftest import MARKETS, PETS, topic_examples
 
 CHILD = Path(__file__).with_name("_child.py")
@@ -37,7 +37,9 @@ def scored_examples(n_per_topic: int) -> list[Example]:
     ]
 
 
-def assert_consistent(result: TrainResult, model: Personalizer, store: Store, user: str) -> None:
+def assert_consistent(
+    result: TrainResult, model: Personalizer, store: Store, user: str, *, adapter: bool = True
+) -> None:
     """What train() reports agrees with what it stored and with what predict() serves."""
     regression = model.manifest.task == "regression"
     assert result.metric == ("mae" if regression else "macro_f1")
@@ -51,8 +53,10 @@ def assert_consistent(result: TrainResult, model: Personalizer, store: Store, us
     assert (result.adapter_bytes > 0) == (result.kept == "personal")
     assert CHECKPOINT not in store.blobs(user)
     assert model.predict(user, ["anything at all"])[0].personalized == (result.kept == "personal")
-    assert 1 <= result.holdout < result.examples
-    assert result.steps > 0
+    assert (result.stage == "global") == (result.kept == "global")
+    if adapter:
+        assert 1 <= result.holdout < result.examples
+        assert result.steps > 0
     if not regression:
         assert 0 <= result.global_score <= 1
         assert 0 <= result.personal_score <= 1
@@ -69,7 +73,9 @@ def test_training_loss_goes_down_over_the_steps(
     progress: list[TrainProgress] = []
 
     result = model.train(
-        "alice", TrainConfig(epochs=15, learning_rate=0.1), on_progress=progress.append
+        "alice",
+        TrainConfig(adapter=True, epochs=15, learning_rate=0.1),
+        on_progress=progress.append,
     )
 
     assert result.stopped == "completed"
@@ -90,7 +96,7 @@ def test_one_class_examples_train_and_the_result_is_consistent(
     texts = [f"{t} {i}" for i, t in enumerate(PETS + MARKETS)]
     classifier.add_examples("alice", [Example(t, label="c") for t in texts])
 
-    result = classifier.train("alice", TrainConfig(epochs=4, learning_rate=0.1))
+    result = classifier.train("alice", TrainConfig(adapter=True, epochs=4, learning_rate=0.1))
 
     assert result.stopped == "completed"
     assert result.kept in ("personal", "global")
@@ -102,7 +108,7 @@ def test_regression_training_reports_mae_and_predicts_scores(
 ) -> None:
     regressor.add_examples("alice", scored_examples(8))
 
-    result = regressor.train("alice", TrainConfig(epochs=6, learning_rate=0.1))
+    result = regressor.train("alice", TrainConfig(adapter=True, epochs=6, learning_rate=0.1))
 
     assert_consistent(result, regressor, store, "alice")
     (prediction,) = regressor.predict("alice", [PETS[0]])
@@ -123,7 +129,7 @@ def test_train_with_fewer_than_four_labelled_examples_is_refused(
     before = store.examples("alice"), store.blobs("alice")
 
     with pytest.raises(InvalidInputError, match="at least 4"):
-        classifier.train("alice", TrainConfig(epochs=1))
+        classifier.train("alice", TrainConfig(adapter=True, epochs=1))
 
     assert (store.examples("alice"), store.blobs("alice")) == before
 
@@ -132,7 +138,7 @@ def test_train_with_four_labelled_examples_is_enough(
     classifier: Personalizer, store: Store
 ) -> None:
     classifier.add_examples("alice", topic_examples(2))
-    result = classifier.train("alice", TrainConfig(epochs=1))
+    result = classifier.train("alice", TrainConfig(adapter=True, epochs=1))
     assert result.examples == 4
     assert_consistent(result, classifier, store, "alice")
 
@@ -147,14 +153,14 @@ def test_texts_longer_than_max_length_are_truncated_and_reported(
 
     long_examples = [Example(f"{too_long} {PETS[i]}", label="a") for i in range(3)]
     classifier.add_examples("alice", topic_examples(3) + long_examples)
-    result = classifier.train("alice", TrainConfig(epochs=1))
+    result = classifier.train("alice", TrainConfig(adapter=True, epochs=1))
     assert result.truncated_texts == 3
 
 
 def test_max_steps_and_cancel_stop_training_early_and_say_why(classifier: Personalizer) -> None:
     classifier.add_examples("alice", topic_examples(12))
 
-    by_steps = classifier.train("alice", TrainConfig(epochs=5, max_steps=4))
+    by_steps = classifier.train("alice", TrainConfig(adapter=True, epochs=5, max_steps=4))
     calls = 0
 
     def cancel_after_two_steps() -> bool:
@@ -162,7 +168,9 @@ def test_max_steps_and_cancel_stop_training_early_and_say_why(classifier: Person
         calls += 1
         return calls > 2
 
-    cancelled = classifier.train("alice", TrainConfig(epochs=5), cancel=cancel_after_two_steps)
+    cancelled = classifier.train(
+        "alice", TrainConfig(adapter=True, epochs=5), cancel=cancel_after_two_steps
+    )
 
     assert (by_steps.stopped, by_steps.steps) == ("max_steps", 4)
     assert (cancelled.stopped, cancelled.steps) == ("cancelled", 2)
@@ -209,7 +217,7 @@ def test_train_killed_after_a_checkpoint_resumes_from_it(
 ) -> None:
     classifier.add_examples("alice", topic_examples(12))
     classifier.add_examples("bob", topic_examples(12))
-    config = TrainConfig(epochs=12, learning_rate=0.1, max_seconds=None)
+    config = TrainConfig(adapter=True, epochs=12, learning_rate=0.1, max_seconds=None)
     bundle = tiny_bundles["classification"]
     uninterrupted = classifier.train("bob", config)  # the same data: its step count
     assert uninterrupted.resumed_from_step == 0
@@ -238,7 +246,7 @@ def test_a_checkpoint_made_with_other_settings_is_not_resumed(
     tiny_bundles: dict[str, Path], classifier: Personalizer, store: Store, key: RawKey
 ) -> None:
     classifier.add_examples("alice", topic_examples(12))
-    config = TrainConfig(epochs=12, max_seconds=None)
+    config = TrainConfig(adapter=True, epochs=12, max_seconds=None)
     bundle = tiny_bundles["classification"]
 
     with child(
@@ -265,14 +273,60 @@ def test_train_while_another_process_holds_the_user_lock_raises_locked_and_chang
     with child(key, "lock", store.path, "alice") as proc:
         wait_for_line(proc, "locked")
         with pytest.raises(LockedError):
-            classifier.train("alice", TrainConfig(epochs=1))
+            classifier.train("alice", TrainConfig(adapter=True, epochs=1))
         after = store.examples("alice"), store.blobs("alice"), store.embeddings("alice").keys()
         assert after == before
         # Serving goes on meanwhile, and other users train.
         np.testing.assert_array_equal(classifier.score("alice", texts), served)
-        assert classifier.train("bob", TrainConfig(epochs=1)).steps > 0
+        assert classifier.train("bob", TrainConfig(adapter=True, epochs=1)).steps > 0
         assert proc.stdin is not None
         proc.stdin.close()
         assert proc.wait(timeout=60) == 0
 
-    assert classifier.train("alice", TrainConfig(epochs=1)).steps > 0
+    assert classifier.train("alice", TrainConfig(adapter=True, epochs=1)).steps > 0
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_the_head_stage_alone_personalizes_a_user_who_disagrees_with_the_shared_model(
+    tiny_bundles: dict[str, Path], store: Store, task: str
+) -> None:
+    model = Personalizer.open(tiny_bundles[task], store)
+    if task == "classification":
+        examples = topic_examples(12, pets="b", markets="a")
+    else:
+        examples = [dataclasses.replace(ex, label=-float(ex.label)) for ex in scored_examples(12)]
+    model.add_examples("alice", examples)
+    before = model.score("alice", [PETS[0], MARKETS[0]])
+
+    result = model.train("alice", TrainConfig(adapter=False))
+
+    assert result.kept == "personal" and result.stage == "head", result.reason
+    assert result.steps == 0 and result.holdout == 0
+    assert result.head_l2 in TrainConfig().head_l2
+    assert_consistent(result, model, store, "alice", adapter=False)
+    after = model.score("alice", [PETS[0], MARKETS[0]])
+    if task == "classification":  # pets are now "b" (index 1), markets "a" (index 0)
+        assert after[0].argmax() == 1 and after[1].argmax() == 0
+    else:  # pets scored -2, markets +1
+        assert after[0] < after[1]
+        assert abs(after[0] + 2) + abs(after[1] - 1) < abs(before[0] + 2) + abs(before[1] - 1)
+
+
+def test_a_user_who_agrees_with_the_shared_model_keeps_it(
+    classifier: Personalizer, store: Store
+) -> None:
+    # Labels are what the shared model itself predicts for her (with her history attended
+    # over, hence set by corrections once the texts are in): nothing for her head to fix.
+    texts = [f"{t} {i}" for i, t in enumerate(PETS + MARKETS + PETS)]
+    ids = classifier.add_examples("alice", [Example(t, label="a") for t in texts])
+    predicted = classifier.predict("alice", texts)
+    classifier.add_feedback(
+        "alice",
+        [Feedback("correction", value=p.label, example_id=i) for i, p in zip(ids, predicted)],
+    )
+
+    result = classifier.train("alice", TrainConfig(adapter=False))
+
+    assert result.kept == "global" and result.stage == "global"
+    assert result.global_score == 1.0 and result.head_l2 is None
+    assert not classifier.predict("alice", texts)[0].personalized

@@ -1,4 +1,8 @@
-"""The global head fitted by multinomial logistic regression on base-model features."""
+"""Linear read-outs fitted in numpy on frozen features: the global head (by the evaluator)
+and a user's head delta on top of the shared model (the first stage of on-device training).
+
+Both are convex problems on at most a few thousand rows, so they are solved to convergence in
+milliseconds rather than by the train graph's stochastic steps."""
 
 from __future__ import annotations
 
@@ -15,8 +19,11 @@ def fit_logistic(
     l2: float,
     steps: int,
     class_weighting: bool,
+    offset: np.ndarray | None = None,  # [n, C] logits the fitted ones are added to
 ) -> tuple[np.ndarray, np.ndarray]:
-    """W [d, C] and b [C] minimising the (class-weighted) mean cross-entropy + l2/2 ||W||^2.
+    """W [d, C] and b [C] minimising the (class-weighted) mean cross-entropy of
+    softmax(offset + x W + b) + l2/2 ||W||^2; with an offset, W and b are a delta on the model
+    that produced it, pulled toward zero (toward that model) by the L2 term.
 
     Features are standardised for conditioning (the L2 term acts on the standardised
     weights) and the scaling is folded back into W and b. Nesterov's accelerated gradient
@@ -41,8 +48,10 @@ def fit_logistic(
     reg = np.ones((z.shape[1], 1))
     reg[-1] = 0.0  # the bias is not penalised
 
+    base = np.zeros((len(x), n_classes)) if offset is None else offset.astype(np.float64)
+
     def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        logits = z @ theta
+        logits = base + z @ theta
         logits -= logits.max(1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
         loss = -float((w * (onehot * logp).sum(1)).sum()) + 0.5 * l2 * float((reg * theta**2).sum())
@@ -62,3 +71,18 @@ def fit_logistic(
     weights = theta[:-1] / std[:, None]  # [d, C]
     bias = theta[-1] - mean @ weights  # [C]
     return weights.astype(np.float32), bias.astype(np.float32)
+
+
+def fit_ridge(
+    x: np.ndarray, y: np.ndarray, l2: float, offset: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """W [d, 1], b [1] minimising mean (offset + x W + b - y)^2 + l2 ||W||^2 on standardised
+    features (the bias is not penalised); closed form."""
+    mean_x = x.mean(0)
+    std = x.std(0) + 1e-8
+    z = ((x - mean_x) / std).astype(np.float64)
+    target = y.astype(np.float64) - (0.0 if offset is None else offset.astype(np.float64))
+    gram = z.T @ z / len(x) + l2 * np.eye(x.shape[1])
+    w = np.linalg.solve(gram, z.T @ (target - target.mean()) / len(x)) / std
+    bias = target.mean() - mean_x @ w
+    return w[:, None].astype(np.float32), np.array([bias], np.float32)
