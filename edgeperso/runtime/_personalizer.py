@@ -371,16 +371,27 @@ class Personalizer:
 
         # Stage 1: the head, cross-validated against the shared model on every example.
         folds = stratified_folds(labels, len(examples), config.folds, rng)
-        global_score = self._score(data, np.arange(len(examples)), data.shared_out)
+        every = np.arange(len(examples))
+        parts = [np.flatnonzero(folds == k) for k in range(int(folds.max()) + 1)]
+        global_score = self._score(data, every, data.shared_out)
+        global_folds = np.array([self._score(data, held, data.shared_out) for held in parts])
         head_l2, head_score = None, global_score
         for l2 in config.head_l2:
             predicted = np.zeros_like(data.shared_out)
-            for k in range(int(folds.max()) + 1):
-                fit, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-                w, b = self._fit_head(data, fit, l2, config)
+            for held in parts:
+                w, b = self._fit_head(data, np.setdiff1d(every, held), l2, config)
                 predicted[held] = data.shared_out[held] + data.features[held] @ w + b
-            score = self._score(data, np.arange(len(examples)), predicted)
-            if self._better(score, head_score):
+            score = self._score(data, every, predicted)
+            # The one-standard-error rule: the head must beat the shared model by more than
+            # `selection_se` standard errors of its per-fold advantage, not merely on average,
+            # so that fold-to-fold noise does not pick a head that is worse on new texts.
+            advantage = np.array([self._score(data, held, predicted) for held in parts])
+            advantage = advantage - global_folds
+            if self.manifest.task == "regression":
+                advantage = -advantage  # MAE: lower is better
+            error = advantage.std(ddof=1) / math.sqrt(len(parts)) if len(parts) > 1 else 0.0
+            clear = advantage.mean() > config.selection_se * error
+            if clear and self._better(score, head_score):
                 head_l2, head_score = l2, score
         kept: Params | None = None
         stage, personal_score = "global", head_score

@@ -29,6 +29,7 @@ _NUMBER_FIELDS = (
     "prox_weight",
     "holdout_fraction",
     "max_seconds",
+    "selection_se",
 )
 _OPTIONAL_FIELDS = ("max_seconds", "max_steps", "max_examples")
 
@@ -43,6 +44,7 @@ class TrainConfig:
     # cross-validation over all the user's examples, against the shared model itself.
     head_l2: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     folds: int = 5
+    selection_se: float = 1.0  # the head's per-fold advantage must exceed this many SEs
     # Stage 2, the adapter: LoRA, user embedding and head trained with the bundle's train
     # graph from the stage-1 head, kept only when it beats that head on a held-out slice.
     # Off by default: it costs ~100 train steps (seconds to a minute on 2 cores) and, on
@@ -98,10 +100,10 @@ class TrainConfig:
         for name in ("epochs", "min_steps", "learning_rate", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"TrainConfig.{name} must be > 0")
-        for name in ("learning_rate", "weight_decay", "prox_weight"):
+        for name in ("learning_rate", "weight_decay", "prox_weight", "selection_se"):
             if not math.isfinite(getattr(self, name)):
                 raise InvalidInputError(f"TrainConfig.{name} must be finite")
-        for name in ("weight_decay", "prox_weight"):
+        for name in ("weight_decay", "prox_weight", "selection_se"):
             if getattr(self, name) < 0:
                 raise InvalidInputError(f"TrainConfig.{name} must be >= 0")
         if not 0 <= self.warmup_fraction < 1:

@@ -215,6 +215,7 @@ def test_holdout_split_depends_only_on_the_seed() -> None:
     [
         {"epochs": 0},
         {"folds": 1},
+        {"selection_se": -1.0},
         {"head_l2": ()},
         {"head_l2": (0.0,)},
         {"head_l2": "0.1"},
