@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -95,10 +96,15 @@ class FederationClient:
     ) -> None:
         self._config = config
         self._state = state
+        verify: bool | ssl.SSLContext = True
+        if isinstance(config.verify_tls, str):  # a CA bundle to trust instead of the system's
+            verify = ssl.create_default_context(cafile=config.verify_tls)
+        else:
+            verify = config.verify_tls
         self._http = httpx.Client(
             base_url=config.coordinator_url,
             timeout=config.request_timeout_s,
-            verify=config.verify_tls,
+            verify=verify,
             transport=transport,
         )
 

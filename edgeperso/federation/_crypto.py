@@ -9,6 +9,8 @@ generator that expands a 32-byte seed into a mask over the ring Z_2^32.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -21,6 +23,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from edgeperso._errors import InvalidInputError, TamperedError
 
 KEY_BYTES = 32
+_K = TypeVar("_K")
 _NONCE_BYTES = 12
 _RAW = serialization.Encoding.Raw
 
@@ -40,15 +43,23 @@ def generate_keypair() -> tuple[bytes, bytes]:
 
 def agree(private: bytes, peer_public: bytes, info: bytes) -> bytes:
     """HKDF-SHA256 of the X25519 shared secret, bound to `info` (purpose and round)."""
-    if len(private) != KEY_BYTES or len(peer_public) != KEY_BYTES:
+    return agree_many(private, {0: peer_public}, info)[0]
+
+
+def agree_many(private: bytes, peers: Mapping[_K, bytes], info: bytes) -> dict[_K, bytes]:
+    """`agree` with each of several peers' public keys (the private key is loaded once)."""
+    if len(private) != KEY_BYTES or any(len(p) != KEY_BYTES for p in peers.values()):
         raise InvalidInputError("X25519 keys are 32 bytes; got a key of another length")
-    try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(peer_public)
-        )
-    except ValueError as exc:  # an all-zero shared secret: a low-order public key
-        raise InvalidInputError("a peer's public key is invalid (low order point)") from exc
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
+    key = X25519PrivateKey.from_private_bytes(private)
+    derived: dict[_K, bytes] = {}
+    for name, peer_public in peers.items():
+        try:
+            shared = key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError as exc:  # an all-zero shared secret: a low-order public key
+            raise InvalidInputError("a peer's public key is invalid (low order point)") from exc
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info)
+        derived[name] = hkdf.derive(shared)
+    return derived
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -67,17 +78,31 @@ def unseal(key: bytes, sealed: bytes, aad: bytes) -> bytes:
         raise TamperedError("a sealed secret-share failed authentication; it was not used") from exc
 
 
+class MaskExpander:
+    """The pseudo-random generator: the AES-256-CTR keystream of a 32-byte seed read as
+    `length` little-endian uint32. One output buffer serves every seed, so expanding the
+    hundreds of masks of a round allocates nothing after the first."""
+
+    def __init__(self, length: int) -> None:
+        if length < 0:
+            raise InvalidInputError("a mask length cannot be negative")
+        self._zeros = bytes(4 * length)  # the CTR keystream is the encryption of zeros
+        # update_into wants room for one block more than the input.
+        self._buffer = bytearray(4 * length + 15)
+        self._view = np.frombuffer(self._buffer, dtype="<u4", count=length)
+
+    def expand(self, seed: bytes) -> np.ndarray:
+        """[length] uint32; a view that the next call overwrites (copy it to keep it)."""
+        if len(seed) != KEY_BYTES:
+            raise InvalidInputError("mask seeds are 32 bytes")
+        encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+        encryptor.update_into(self._zeros, self._buffer)
+        return self._view
+
+
 def prg_uint32(seed: bytes, length: int) -> np.ndarray:
-    """`length` pseudo-random uint32 (the AES-256-CTR keystream of `seed`, little-endian)."""
-    if len(seed) != KEY_BYTES:
-        raise InvalidInputError("mask seeds are 32 bytes")
-    nbytes = 4 * length
-    # update_into wants room for one block more than the input; the keystream of zeros is
-    # the CTR keystream itself.
-    buffer = bytearray(nbytes + 15)
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    encryptor.update_into(bytes(nbytes), buffer)
-    return np.frombuffer(buffer, dtype="<u4", count=length)
+    """`length` pseudo-random uint32 from `seed`, in a new array (see MaskExpander)."""
+    return MaskExpander(length).expand(seed).copy()
 
 
 def public_key(private: bytes) -> bytes:

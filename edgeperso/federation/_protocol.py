@@ -26,13 +26,13 @@ from edgeperso.federation import _crypto, _secagg
 _SHARE_PAIR = 2 * _secagg.SHARE_BYTES
 
 
-def pair_seed(private: bytes, peer_public: bytes, round_id: str) -> bytes:
-    """The pairwise mask seed s_uv shared by two devices for one round."""
-    return _crypto.agree(private, peer_public, b"edgeperso/secagg/mask|" + round_id.encode())
+def pair_seeds(private: bytes, peers: Mapping[int, bytes], round_id: str) -> dict[int, bytes]:
+    """The pairwise mask seeds s_uv shared with each peer (by its mask public key), one round."""
+    return _crypto.agree_many(private, peers, b"edgeperso/secagg/mask|" + round_id.encode())
 
 
-def _channel_key(private: bytes, peer_public: bytes, round_id: str) -> bytes:
-    return _crypto.agree(private, peer_public, b"edgeperso/secagg/share|" + round_id.encode())
+def _channel_keys(private: bytes, peers: Mapping[int, bytes], round_id: str) -> dict[int, bytes]:
+    return _crypto.agree_many(private, peers, b"edgeperso/secagg/share|" + round_id.encode())
 
 
 def _share_aad(round_id: str, sender: int, recipient: int) -> bytes:
@@ -53,6 +53,7 @@ class SecAggClient:
     threshold: int = 0
     peers: dict[int, tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)
     held: dict[int, tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)
+    _channel: dict[int, bytes] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def start(cls, round_id: str) -> SecAggClient:
@@ -77,11 +78,10 @@ class SecAggClient:
         xs = sorted(neighbours)
         s_shares = _secagg.shamir_split(self.s_sk, xs, threshold)
         b_shares = _secagg.shamir_split(self.self_seed, xs, threshold)
+        channel = self._channels()
         return {
             v: _crypto.seal(
-                _channel_key(self.c_sk, neighbours[v][0], self.round_id),
-                s_shares[v] + b_shares[v],
-                _share_aad(self.round_id, index, v),
+                channel[v], s_shares[v] + b_shares[v], _share_aad(self.round_id, index, v)
             )
             for v in xs
         }
@@ -95,24 +95,26 @@ class SecAggClient:
         unknown = set(inbox) - set(self.peers)
         if unknown:
             raise IntegrityError("received shares from devices that are not neighbours")
+        channel = self._channels()
         for v, sealed in inbox.items():
-            plain = _crypto.unseal(
-                _channel_key(self.c_sk, self.peers[v][0], self.round_id),
-                sealed,
-                _share_aad(self.round_id, v, self.index),
-            )
+            plain = _crypto.unseal(channel[v], sealed, _share_aad(self.round_id, v, self.index))
             if len(plain) != _SHARE_PAIR:
                 raise IntegrityError("a decrypted share pair has the wrong length")
             self.held[v] = (plain[: _secagg.SHARE_BYTES], plain[_secagg.SHARE_BYTES :])
-        length = encoded.shape[0]
-        pair_masks = (
-            (
-                _secagg.pair_sign(self.index, v),
-                _crypto.prg_uint32(pair_seed(self.s_sk, self.peers[v][1], self.round_id), length),
-            )
-            for v in sorted(inbox)
-        )
-        return _secagg.apply_masks(encoded, _crypto.prg_uint32(self.self_seed, length), pair_masks)
+        seeds = pair_seeds(self.s_sk, {v: self.peers[v][1] for v in inbox}, self.round_id)
+        prg = _crypto.MaskExpander(encoded.shape[0])
+        masked = encoded.astype(np.uint32, copy=True)
+        masks = ((_secagg.pair_sign(self.index, v), prg.expand(seeds[v])) for v in sorted(seeds))
+        _secagg.add_masks(masked, [(1, prg.expand(self.self_seed))])
+        _secagg.add_masks(masked, masks)
+        return masked
+
+    def _channels(self) -> dict[int, bytes]:
+        """AES-GCM keys shared with each neighbour, derived once per round."""
+        if set(self._channel) != set(self.peers):
+            channel_keys = {v: c_pk for v, (c_pk, _) in self.peers.items()}
+            self._channel = _channel_keys(self.c_sk, channel_keys, self.round_id)
+        return self._channel
 
     def reveal(self, survivors: Collection[int]) -> list[tuple[int, str, bytes]]:
         """(neighbour, "b" or "s", share): b shares of survivors, mask-key shares of the rest.
@@ -178,17 +180,15 @@ def unmask_sum(
     masked_with: Mapping[int, Collection[int]],  # dropped index -> survivors that masked with it
 ) -> np.ndarray:  # [L] uint32: the sum of the survivors' inputs
     """The coordinator's last step: strip self masks and the dropped devices' pair masks."""
-    length = masked_sum.shape[0]
+    prg = _crypto.MaskExpander(masked_sum.shape[0])
     total = masked_sum.astype(np.uint32, copy=True)
-    for seed in self_seeds:
-        total -= _crypto.prg_uint32(seed, length)
+    _secagg.add_masks(total, ((-1, prg.expand(seed)) for seed in self_seeds))
     for u, s_sk in dropped.items():
         if _crypto.public_key(s_sk) != mask_keys[u]:
             raise IntegrityError("a reconstructed mask key does not match its public key")
-        for v in masked_with[u]:
-            mask = _crypto.prg_uint32(pair_seed(s_sk, mask_keys[v], round_id), length)
-            if _secagg.pair_sign(v, u) > 0:  # v added the mask, so remove it
-                total -= mask
-            else:
-                total += mask
+        seeds = pair_seeds(s_sk, {v: mask_keys[v] for v in masked_with[u]}, round_id)
+        # v added sign(v, u) * mask; subtract the same.
+        _secagg.add_masks(
+            total, ((-_secagg.pair_sign(v, u), prg.expand(seed)) for v, seed in seeds.items())
+        )
     return total

@@ -17,6 +17,7 @@ vertices are randomly relabelled from a public round seed (SecAgg+); see `secagg
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -95,12 +96,19 @@ def fixed_point_scale(max_contributors: int, bound: float) -> float:
 
 def encode_fixed_point(values: np.ndarray, scale: float) -> np.ndarray:
     """float -> uint32 (two's complement of round(values * scale))."""
-    if not np.all(np.isfinite(values)):
-        raise InvalidInputError("cannot encode NaN or infinite values; check the local training")
-    scaled = np.rint(np.asarray(values, dtype=np.float64) * scale)
-    if np.any(np.abs(scaled) >= _RING_HALF):
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+        scaled: np.ndarray = np.multiply(np.asarray(values), scale, dtype=np.float64)
+    if not np.all(np.isfinite(scaled)):
+        if not np.all(np.isfinite(values)):
+            raise InvalidInputError(
+                "cannot encode NaN or infinite values; check the local training"
+            )
         raise InvalidInputError("a value exceeds the ring's range; clip before encoding")
-    return scaled.astype(np.int64).astype(np.uint32)
+    np.rint(scaled, out=scaled)
+    if scaled.size and (scaled.min() <= -_RING_HALF or scaled.max() >= _RING_HALF):
+        raise InvalidInputError("a value exceeds the ring's range; clip before encoding")
+    encoded: np.ndarray = scaled.astype(np.int32).view(np.uint32)
+    return encoded
 
 
 def decode_fixed_point(ring_sum: np.ndarray, scale: float) -> np.ndarray:
@@ -177,8 +185,8 @@ def neighbours_of(index: int, cohort: int, k: int, graph_seed: int) -> list[int]
         raise InvalidInputError(f"device index {index} is outside 1..{cohort}")
     if k >= cohort - 1:
         return [v for v in range(1, cohort + 1) if v != index]
-    order = ring_order(cohort, graph_seed)  # ring position -> index
-    position = {v: p for p, v in enumerate(order)}[index]
+    order, positions = _ring(cohort, graph_seed)
+    position = positions[index]
     half = k // 2
     around = [order[(position + d) % cohort] for d in range(-half, half + 1) if d != 0]
     return sorted(around)
@@ -190,23 +198,24 @@ def ring_order(cohort: int, graph_seed: int) -> list[int]:
     return [int(v) for v in permutation]
 
 
+@functools.lru_cache(maxsize=16)
+def _ring(cohort: int, graph_seed: int) -> tuple[tuple[int, ...], dict[int, int]]:
+    """(ring position -> index, index -> ring position); the coordinator asks once per device."""
+    order = tuple(ring_order(cohort, graph_seed))
+    return order, {v: p for p, v in enumerate(order)}
+
+
 # ---- masks ---------------------------------------------------------------------------------
 
 
-def apply_masks(
-    encoded: np.ndarray,
-    self_mask: np.ndarray,
-    pair_masks: Iterable[tuple[int, np.ndarray]],
-) -> np.ndarray:
-    """y = x + self_mask + sum sign * pair_mask in Z_2^32; `pair_masks` are (sign, mask)."""
-    masked = encoded.astype(np.uint32, copy=True)
-    masked += self_mask
-    for sign, mask in pair_masks:
+def add_masks(masked: np.ndarray, masks: Iterable[tuple[int, np.ndarray]]) -> None:
+    """masked += sign * mask in Z_2^32, in place, for each (sign, mask) in turn (so `masks`
+    may yield views of one reused buffer)."""
+    for sign, mask in masks:
         if sign > 0:
-            masked += mask
+            np.add(masked, mask, out=masked)
         else:
-            masked -= mask
-    return masked
+            np.subtract(masked, mask, out=masked)
 
 
 def pair_sign(mine: int, theirs: int) -> int:

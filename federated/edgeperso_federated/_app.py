@@ -8,15 +8,20 @@ is the contract a Kotlin or Swift client implements.
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator, Mapping
+from http import HTTPStatus
+from typing import Annotated, Any, Literal, get_type_hints
 
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgeperso import BudgetExhaustedError, EdgePersoError, InvalidInputError, KeyUnavailableError
 from edgeperso_federated._config import CoordinatorConfig, RoundConfig
@@ -32,8 +37,28 @@ from edgeperso_federated._rounds import FINAL, Coordinator, Device
 logger = logging.getLogger(__name__)
 
 _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+# Declared in the OpenAPI document (security schemes); checked by the dependencies below, which
+# answer a missing or wrong credential with a typed 401/403 problem.
+_DEVICE_TOKEN = HTTPBearer(
+    scheme_name="device",
+    bearerFormat="<device_id>.<token>",
+    description="The credential from POST /v1/devices (enrolment).",
+    auto_error=False,
+)
+_OPERATOR_TOKEN = HTTPBearer(
+    scheme_name="operator",
+    description="The coordinator's admin token (EDGEPERSO_ADMIN_TOKEN).",
+    auto_error=False,
+)
+_Bearer = HTTPAuthorizationCredentials | None
 _BINARY_BODY = {"requestBody": {"required": True, "content": _BINARY}}
 _B64 = Field(max_length=1024, pattern=r"^[A-Za-z0-9+/]*={0,2}$")
+
+
+class _Request(BaseModel):
+    """Request bodies are read strictly: true is not 1 and "1" is not a number."""
+
+    model_config = ConfigDict(strict=True)
 
 
 class Problem(BaseModel):
@@ -41,7 +66,7 @@ class Problem(BaseModel):
     detail: str
 
 
-class EnrolRequest(BaseModel):
+class EnrolRequest(_Request):
     app_id: str = Field(min_length=1, max_length=64)
     enrolment_key: str = Field(min_length=1, max_length=128)
 
@@ -51,7 +76,7 @@ class EnrolResponse(BaseModel):
     token: str
 
 
-class JoinRequest(BaseModel):
+class JoinRequest(_Request):
     c_pk: Annotated[str, _B64] | None = None  # X25519, base64; null in plain rounds
     s_pk: Annotated[str, _B64] | None = None
 
@@ -103,12 +128,12 @@ class Neighbours(BaseModel):
     neighbours: list[Peer]
 
 
-class SealedShare(BaseModel):
+class SealedShare(_Request):
     to: int = Field(ge=1)
     sealed: Annotated[str, _B64]
 
 
-class SharesRequest(BaseModel):
+class SharesRequest(_Request):
     shares: list[SealedShare] = Field(max_length=100_000)
 
 
@@ -125,20 +150,33 @@ class Survivors(BaseModel):
     survivors: list[int]
 
 
-class RevealedShare(BaseModel):
+class RevealedShare(_Request):
     of: int = Field(ge=1)
     kind: Literal["b", "s"]
     share: Annotated[str, _B64]
 
 
-class RevealRequest(BaseModel):
+class RevealRequest(_Request):
     shares: list[RevealedShare] = Field(max_length=100_000)
 
 
-class AppRequest(BaseModel):
+class AppRequest(_Request):
     app_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     epsilon_budget: float | None = Field(default=None, gt=0)
     delta: float = Field(default=1e-6, gt=0, lt=1)
+
+
+# The body of POST /v1/admin/rounds: RoundConfig's fields, read strictly; RoundConfig itself
+# then checks how they fit together.
+_ROUND_HINTS = get_type_hints(RoundConfig)
+RoundRequest = create_model(  # type: ignore[call-overload]
+    "RoundConfig",
+    __base__=_Request,
+    **{
+        f.name: (_ROUND_HINTS[f.name], ... if f.default is dataclasses.MISSING else f.default)
+        for f in dataclasses.fields(RoundConfig)
+    },
+)
 
 
 class AppCreated(BaseModel):
@@ -171,6 +209,29 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
 ]
 
 
+async def _single_valued_query(request: Request) -> None:
+    """No query parameter of this API takes a list: a repeated one is ambiguous, not the last."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidInputError(f"query parameter {repeated[0]!r} is given more than once")
+
+
+def _problem_response(
+    status: int, error: str, detail: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(Problem(error=error, detail=detail).model_dump(), status, headers)
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    """Where and what, for each problem pydantic found: 'body.cohort_size: must be >= 2'."""
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(problems) or "the request does not match the API schema"
+
+
 def _b64(value: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
@@ -182,18 +243,44 @@ def _enc(value: bytes) -> str:
     return base64.b64encode(value).decode()
 
 
+class _Parked:
+    """Long polls waiting on one round, and the status they all get when its stage changes."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.status: dict[str, Any] | None = None
+
+
 class _TokenBuckets:
-    def __init__(self, rate: float, burst: int) -> None:
-        self._rate, self._burst = rate, burst
-        self._state: dict[str, tuple[float, float]] = {}
+    """One token bucket per key (a device, a client address): `burst` requests at once, then
+    `rate` per second."""
+
+    _PRUNE_AT = 10_000  # keys; full buckets are then forgotten (a new one starts full)
+
+    def __init__(self, rate: float, burst: int, who: str) -> None:
+        self._rate, self._burst, self._who = rate, burst, who
+        self._state: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
+        self._prune_at = self._PRUNE_AT
 
     def take(self, key: str) -> None:
         now = time.monotonic()
         tokens, last = self._state.get(key, (float(self._burst), now))
         tokens = min(self._burst, tokens + (now - last) * self._rate)
         if tokens < 1:
-            raise RateLimitedError("too many requests; slow down", (1 - tokens) / self._rate)
+            wait = (1 - tokens) / self._rate
+            raise RateLimitedError(
+                f"too many requests from this {self._who} (at most {self._burst} at once, then "
+                f"{self._rate:g}/s); retry after {wait:.2f} s, as the Retry-After header says",
+                wait,
+            )
         self._state[key] = (tokens - 1, now)
+        if len(self._state) >= self._prune_at:
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        refill = self._burst / self._rate
+        self._state = {k: v for k, v in self._state.items() if now - v[1] < refill}
+        self._prune_at = max(self._PRUNE_AT, 2 * len(self._state))
 
 
 class _BodyLimit:
@@ -245,14 +332,16 @@ async def _too_large(send: Any, limit: int) -> None:
 def create_app(config: CoordinatorConfig, coordinator: Coordinator | None = None) -> FastAPI:
     """The ASGI app; run it with uvicorn (see `edgeperso-coordinator serve`)."""
     coord = coordinator or Coordinator(config)
-    waiting: dict[str, asyncio.Event] = {}
-    device_limit = _TokenBuckets(config.device_rate_per_s, config.device_burst)
-    enrol_limit = _TokenBuckets(config.enrol_rate_per_s, config.enrol_burst)
+    waiting: dict[str, _Parked] = {}
+    device_limit = _TokenBuckets(config.device_rate_per_s, config.device_burst, "device")
+    enrol_limit = _TokenBuckets(config.enrol_rate_per_s, config.enrol_burst, "address")
 
     def wake(round_id: str) -> None:
-        event = waiting.pop(round_id, None)
-        if event is not None:
-            event.set()
+        parked = waiting.pop(round_id, None)
+        if parked is not None:
+            # One read for every device parked on the round (a stage change wakes them all).
+            parked.status = coord.status(round_id, None)
+            parked.event.set()
 
     coord.on_stage_change(wake)
 
@@ -268,6 +357,7 @@ def create_app(config: CoordinatorConfig, coordinator: Coordinator | None = None
         task.cancel()
 
     app = FastAPI(
+        dependencies=[Depends(_single_valued_query)],
         title="EdgePerso coordinator",
         version="1",
         description=__doc__,
@@ -283,21 +373,32 @@ def create_app(config: CoordinatorConfig, coordinator: Coordinator | None = None
         headers = {}
         if isinstance(exc, RateLimitedError):
             headers["Retry-After"] = f"{exc.retry_after_s:.2f}"
-        return JSONResponse(Problem(error=error, detail=str(exc)).model_dump(), status, headers)
+        if status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return _problem_response(status, error, str(exc), headers)
 
-    async def device(request: Request) -> Device:
-        scheme, _, credential = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not credential:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _problem_response(422, "invalid_input", _validation_detail(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not parse the body (e.g. not UTF-8 JSON)
+            return _problem_response(422, "invalid_input", "the request body is not valid JSON")
+        error = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+        return _problem_response(exc.status_code, error, str(exc.detail), exc.headers)
+
+    async def device(bearer: Annotated[_Bearer, Depends(_DEVICE_TOKEN)]) -> Device:
+        if bearer is None or not bearer.credentials:
             raise AuthError("send Authorization: Bearer <device_id>.<token> (from enrolment)")
-        found = coord.authenticate(credential)
+        found = coord.authenticate(bearer.credentials)
         device_limit.take(found.device_id)
         return found
 
-    async def admin(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.encode(), config.admin_token.encode()
-        ):
+    async def admin(bearer: Annotated[_Bearer, Depends(_OPERATOR_TOKEN)]) -> None:
+        if bearer is None or not bearer.credentials:
+            raise AuthError("send Authorization: Bearer <admin token> for operator routes")
+        if not hmac.compare_digest(bearer.credentials.encode(), config.admin_token.encode()):
             raise ForbiddenError("operator routes need the admin token")
 
     Dev = Annotated[Device, Depends(device)]
@@ -346,10 +447,10 @@ def create_app(config: CoordinatorConfig, coordinator: Coordinator | None = None
         differs from it or after `wait` seconds."""
         current = coord.status(round_id, dev.app_id)
         if wait > 0 and current["stage"] == seen and seen not in FINAL:
-            event = waiting.setdefault(round_id, asyncio.Event())
+            parked = waiting.setdefault(round_id, _Parked())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), wait)
-            current = coord.status(round_id, dev.app_id)
+                await asyncio.wait_for(parked.event.wait(), wait)
+            current = parked.status or coord.status(round_id, dev.app_id)
         return current
 
     @app.post("/v1/rounds/{round_id}/join", response_model=JoinResponse, tags=["device"])
@@ -443,8 +544,9 @@ def create_app(config: CoordinatorConfig, coordinator: Coordinator | None = None
         tags=["operator"],
         dependencies=[Admin],
     )
-    async def create_round(body: RoundConfig) -> RoundCreated:
-        return RoundCreated(**coord.create_round(body))
+    async def create_round(body: RoundRequest) -> RoundCreated:  # type: ignore[valid-type]
+        requested = RoundConfig(**body.model_dump())  # type: ignore[attr-defined]
+        return RoundCreated(**coord.create_round(requested))
 
     @app.get(
         "/v1/admin/apps/{app_id}/rounds/{round_id}",

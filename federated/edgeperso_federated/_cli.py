@@ -27,7 +27,21 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--ssl-keyfile", help="PEM private key of --ssl-certfile")
     serve.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
     serve.add_argument("--tick-s", type=float, default=0.2)
-    serve.add_argument("--enrol-rate", type=float, default=5.0, help="enrolments/s per address")
+    defaults = CoordinatorConfig(admin_token="x" * 16)
+    serve.add_argument(
+        "--enrol-rate",
+        type=float,
+        default=defaults.enrol_rate_per_s,
+        help="enrolments/s per client address (token bucket)",
+    )
+    serve.add_argument("--enrol-burst", type=int, default=defaults.enrol_burst)
+    serve.add_argument(
+        "--device-rate",
+        type=float,
+        default=defaults.device_rate_per_s,
+        help="requests/s per device, long polls included (token bucket)",
+    )
+    serve.add_argument("--device-burst", type=int, default=defaults.device_burst)
     commands.add_parser("openapi", help="print the OpenAPI document (JSON)")
     args = parser.parse_args(argv)
 
@@ -52,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         admin_token=token,
         database_url=args.database_url,
         max_body_bytes=args.max_body_bytes,
+        device_rate_per_s=args.device_rate,
+        device_burst=args.device_burst,
+        enrol_rate_per_s=args.enrol_rate,
+        enrol_burst=args.enrol_burst,
         tick_s=args.tick_s,
     )
     uvicorn.run(

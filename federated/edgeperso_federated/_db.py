@@ -1,7 +1,8 @@
 """The coordinator's state: SQLAlchemy Core tables on SQLite (default) or PostgreSQL.
 
-Everything a round needs to resume after a restart is here. Individual contributions are
-stored only as masked uploads (secure rounds) and are deleted when their round ends.
+Everything a round needs to resume after a restart is here. A secure round stores no
+individual contribution at all, only the running sum of its masked inputs; a plain round
+stores its float32 updates. Both are deleted when the round ends.
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ participants = sa.Table(
     sa.Column("upload_digest", sa.String(64), nullable=True),
     sa.Column("reveal_digest", sa.String(64), nullable=True),
     sa.UniqueConstraint("round_id", "device_id"),
+    # "Has every device that reached the previous stage submitted this one?" is asked after
+    # each submission; these indexes find the devices still pending without scanning the round.
+    sa.Index("ix_participants_shares_pending", "round_id", "shares_digest"),
+    sa.Index("ix_participants_upload_pending", "round_id", "upload_digest", "shares_digest"),
+    sa.Index("ix_participants_reveal_pending", "round_id", "reveal_digest", "upload_digest"),
+    # A joining device's keys must not repeat any key already in the round.
+    sa.Index("ix_participants_c_pk", "round_id", "c_pk"),
+    sa.Index("ix_participants_s_pk", "round_id", "s_pk"),
 )
 
 shares = sa.Table(
@@ -82,7 +91,9 @@ shares = sa.Table(
     sa.Column("sender", sa.Integer, primary_key=True),
     sa.Column("recipient", sa.Integer, primary_key=True),
     sa.Column("sealed", sa.LargeBinary, nullable=False),  # AES-GCM: only the recipient opens it
-    sa.Index("ix_shares_recipient", "round_id", "recipient"),
+    # A device's inbox and the senders it must reveal shares for. With `sender` in it, SQLite
+    # prefers this index to the primary key's (which would scan the whole round).
+    sa.Index("ix_shares_inbox", "round_id", "recipient", "sender"),
 )
 
 uploads = sa.Table(
@@ -90,7 +101,16 @@ uploads = sa.Table(
     metadata,
     sa.Column("round_id", sa.String(32), primary_key=True),
     sa.Column("idx", sa.Integer, primary_key=True),
-    sa.Column("vector", sa.LargeBinary, nullable=False),  # masked uint32 (secure) or float32
+    sa.Column("vector", sa.LargeBinary, nullable=False),  # float32 update of a plain round
+)
+
+masked_sums = sa.Table(
+    "masked_sums",
+    metadata,
+    sa.Column("round_id", sa.String(32), primary_key=True),
+    # uint32 little-endian: sum of the masked inputs received so far, modulo 2^32. Updated in
+    # the transaction that marks each upload, so it always matches the participants' digests.
+    sa.Column("vector", sa.LargeBinary, nullable=False),
 )
 
 reveals = sa.Table(
@@ -132,4 +152,7 @@ def connect(url: str, *, sqlite_synchronous: str = "NORMAL") -> sa.Engine:
             cursor.close()
 
     metadata.create_all(engine)
+    for table in metadata.sorted_tables:  # indexes added since an existing database was made
+        for index in table.indexes:
+            index.create(engine, checkfirst=True)
     return engine

@@ -13,6 +13,7 @@ Methods are synchronous and meant to be called from one event loop (one process)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -41,6 +42,7 @@ from edgeperso_federated._db import (
     apps,
     connect,
     devices,
+    masked_sums,
     models,
     participants,
     privacy,
@@ -55,6 +57,68 @@ logger = logging.getLogger(__name__)
 
 FINAL = ("published", "aborted")
 _MAX_SEALED = 512  # bytes of one sealed share pair (nonce + 132 + tag, with room)
+_DIGESTS = ("join_digest", "shares_digest", "upload_digest", "reveal_digest")
+_ROUND_DATA = (uploads, masked_sums, shares, reveals)  # deleted when the round ends
+# Statements run on every request, built once (SQLAlchemy then reuses their compiled form).
+_P = participants.c
+_ROUND_BY_ID = sa.select(rounds).where(rounds.c.round_id == sa.bindparam("round_id"))
+_PARTICIPANT = sa.select(participants).where(
+    _P.round_id == sa.bindparam("round_id"), _P.device_id == sa.bindparam("device_id")
+)
+_MARK = {
+    column: participants.update()
+    .where(_P.round_id == sa.bindparam("in_round"), _P.idx == sa.bindparam("at_idx"))
+    .values({column: sa.bindparam("digest")})
+    for column in _DIGESTS[1:]
+}
+_PENDING = {
+    (column, expected): sa.select(_P.idx)
+    .where(_P.round_id == sa.bindparam("round_id"), _P[expected].is_not(None), _P[column].is_(None))
+    .limit(1)
+    for column, expected in [
+        ("shares_digest", "join_digest"),
+        ("upload_digest", "shares_digest"),
+        ("upload_digest", "join_digest"),
+        ("reveal_digest", "upload_digest"),
+    ]
+}
+# Each term repeats the round so that SQLite can answer it from the (round_id, key) indexes.
+_KEY_CLASH = sa.select(_P.idx).where(
+    sa.or_(
+        *(
+            sa.and_(_P.round_id == sa.bindparam("round_id"), column == sa.bindparam(key))
+            for column in (_P.c_pk, _P.s_pk)
+            for key in ("c_pk", "s_pk")
+        )
+    )
+)
+_LAST_INDEX = sa.select(sa.func.max(_P.idx)).where(_P.round_id == sa.bindparam("round_id"))
+_PEERS = sa.select(_P.idx, _P.c_pk, _P.s_pk).where(
+    _P.round_id == sa.bindparam("round_id"), _P.idx.in_(sa.bindparam("around", expanding=True))
+)
+_INBOX = sa.select(shares.c.sender, shares.c.sealed).where(
+    shares.c.round_id == sa.bindparam("round_id"), shares.c.recipient == sa.bindparam("recipient")
+)
+_MASKED_SUM = sa.select(masked_sums.c.vector).where(
+    masked_sums.c.round_id == sa.bindparam("round_id")
+)
+_SET_MASKED_SUM = masked_sums.update().where(masked_sums.c.round_id == sa.bindparam("in_round"))
+_SENDERS = (
+    sa.select(shares.c.sender, participants.c.upload_digest.is_not(None).label("uploaded"))
+    .join(
+        participants,
+        sa.and_(
+            participants.c.round_id == shares.c.round_id, participants.c.idx == shares.c.sender
+        ),
+    )
+    .where(
+        shares.c.round_id == sa.bindparam("round_id"),
+        shares.c.recipient == sa.bindparam("recipient"),
+    )
+)
+_PROGRESS = sa.select(*(sa.func.count(participants.c[column]) for column in _DIGESTS)).where(
+    participants.c.round_id == sa.bindparam("round_id")
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +142,7 @@ class Coordinator:
             config.database_url, sqlite_synchronous=config.sqlite_synchronous
         )
         self._tokens: dict[str, tuple[str, str]] = {}  # device_id -> (token hash, app_id)
+        self._layouts: dict[tuple[str, int], str] = {}  # (app_id, version) -> layout JSON
         self._listeners: list[Callable[[str], None]] = []
         self._rng = np.random.default_rng()
         self._discard_finished()
@@ -248,11 +313,12 @@ class Coordinator:
             .where(rounds.c.app_id == app_id, rounds.c.stage == "published")
             .order_by(rounds.c.created)
         ).all()
-        configs = [RoundConfig.from_json(json.loads(r.config)) for r in rows]
+        configs = [_round_config(r.config) for r in rows]
         return [(c.noise_multiplier, c.sampling_probability) for c in configs]
 
     def privacy_ledger(self, app_id: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
+            self._app(conn, app_id)
             rows = conn.execute(
                 sa.select(privacy).where(privacy.c.app_id == app_id).order_by(privacy.c.epsilon)
             ).all()
@@ -260,9 +326,14 @@ class Coordinator:
 
     # ---- rounds: device side -------------------------------------------------------------------
 
-    def status(self, round_id: str, app_id: str) -> dict[str, Any]:
+    def status(self, round_id: str, app_id: str | None) -> dict[str, Any]:
+        """The round's stage, deadline and outcome; `app_id` None skips the ownership check
+        (for callers that already made it, such as long polls parked on the round)."""
         with self.engine.connect() as conn:
-            row = self._round(conn, round_id, app_id)
+            if app_id is None:
+                row = conn.execute(_ROUND_BY_ID, {"round_id": round_id}).one()
+            else:
+                row = self._round(conn, round_id, app_id)
         return {
             "round_id": round_id,
             "stage": row.stage,
@@ -278,8 +349,8 @@ class Coordinator:
             ).first()
             if row is None:
                 return None
-            config = RoundConfig.from_json(json.loads(row.config))
-            layout = json.loads(self._model_row(conn, app_id, config.model_version).layout)
+            config = _round_config(row.config)
+            layout = json.loads(self._layout_json(conn, app_id, config.model_version))
         scale = fixed_point_scale(config.cohort_size, config.value_bound) if config.secure else 1.0
         return {
             "round_id": row.round_id,
@@ -306,29 +377,23 @@ class Coordinator:
             if config.secure:
                 if c_pk is None or s_pk is None or len(c_pk) != 32 or len(s_pk) != 32:
                     raise InvalidInputError("a secure round needs 32-byte c_pk and s_pk")
-                clash = conn.execute(
-                    sa.select(participants.c.idx).where(
-                        participants.c.round_id == round_id,
-                        sa.or_(
-                            participants.c.c_pk.in_([c_pk, s_pk]),
-                            participants.c.s_pk.in_([c_pk, s_pk]),
-                        ),
-                    )
-                ).first()
+                keys = {"round_id": round_id, "c_pk": c_pk, "s_pk": s_pk}
+                clash = conn.execute(_KEY_CLASH, keys).first()
                 if clash is not None or c_pk == s_pk:
                     raise RoundConflictError("these public keys are already in use in this round")
             elif c_pk is not None or s_pk is not None:
                 raise InvalidInputError("a plain round takes no keys")
-            count = self._count(conn, round_id)
+            count = self._last_index(conn, round_id)
             conn.execute(
-                participants.insert().values(
-                    round_id=round_id,
-                    idx=count + 1,
-                    device_id=device.device_id,
-                    c_pk=c_pk,
-                    s_pk=s_pk,
-                    join_digest=digest,
-                )
+                participants.insert(),
+                {
+                    "round_id": round_id,
+                    "idx": count + 1,
+                    "device_id": device.device_id,
+                    "c_pk": c_pk,
+                    "s_pk": s_pk,
+                    "join_digest": digest,
+                },
             )
             if count + 1 >= config.cohort_size:
                 self._close(conn, row, config)
@@ -342,11 +407,7 @@ class Coordinator:
             row, _ = self._stage(conn, round_id, device, "share_keys")
             me = self._participant(conn, round_id, device)
             around = neighbours_of(me.idx, row.cohort, row.neighbours, row.graph_seed)
-            peers = conn.execute(
-                sa.select(participants).where(
-                    participants.c.round_id == round_id, participants.c.idx.in_(around)
-                )
-            ).all()
+            peers = conn.execute(_PEERS, {"round_id": round_id, "around": around}).all()
         return {
             "index": me.idx,
             "threshold": row.threshold,
@@ -374,7 +435,7 @@ class Coordinator:
                     for v, c in sealed.items()
                 ],
             )
-            self._mark(conn, round_id, me.idx, shares_digest=digest)
+            self._mark(conn, round_id, me.idx, "shares_digest", digest)
             done = self._all_done(conn, round_id, "shares_digest", "join_digest")
             if done:
                 self._close(conn, row, config)
@@ -387,37 +448,34 @@ class Coordinator:
             me = self._participant(conn, round_id, device)
             if me.shares_digest is None:
                 raise RoundConflictError("this device did not share its keys in time")
-            rows = conn.execute(
-                sa.select(shares.c.sender, shares.c.sealed).where(
-                    shares.c.round_id == round_id, shares.c.recipient == me.idx
-                )
-            ).all()
+            rows = conn.execute(_INBOX, {"round_id": round_id, "recipient": me.idx}).all()
         return [{"from": r.sender, "sealed": r.sealed} for r in rows]
 
     def submit_upload(self, round_id: str, device: Device, payload: bytes) -> None:
         with self.engine.begin() as conn:
             row = self._round(conn, round_id, device.app_id)
-            config = RoundConfig.from_json(json.loads(row.config))
-            stage = "masked_input" if config.secure else "upload"
-            row, config = self._stage(conn, round_id, device, stage)
+            config = _round_config(row.config)
+            self._expect_stage(row, "masked_input" if config.secure else "upload")
             me = self._participant(conn, round_id, device)
             if config.secure and me.shares_digest is None:
                 raise RoundConflictError("this device did not share its keys in time")
-            if self._resubmitted(me.upload_digest, _digest(payload)):
+            digest = _digest(payload)
+            if self._resubmitted(me.upload_digest, digest):
                 return
             layout = self._layout(conn, device.app_id, config)
             tensors, _ = decode_tensors(payload)
             if config.secure:
                 expect_tensors(tensors, {"masked": ("U32", (layout.length,))})
-                vector = tensors["masked"]
+                self._add_masked(conn, round_id, tensors["masked"])
             else:
                 expect_tensors(tensors, {"update": ("F32", (layout.length,))})
                 vector = tensors["update"]
                 _check_plain(vector, layout, config)
-            conn.execute(
-                uploads.insert().values(round_id=round_id, idx=me.idx, vector=vector.tobytes())
-            )
-            self._mark(conn, round_id, me.idx, upload_digest=_digest(payload))
+                conn.execute(
+                    uploads.insert(),
+                    {"round_id": round_id, "idx": me.idx, "vector": vector.tobytes()},
+                )
+            self._mark(conn, round_id, me.idx, "upload_digest", digest)
             expected = "shares_digest" if config.secure else "join_digest"
             done = self._all_done(conn, round_id, "upload_digest", expected)
             if done:
@@ -425,11 +483,23 @@ class Coordinator:
         if done:
             self._notify(round_id)
 
+    def _add_masked(self, conn: sa.Connection, round_id: str, masked: np.ndarray) -> None:
+        """The round's running sum of masked inputs += `masked` (uint32, wraps mod 2^32)."""
+        stored = conn.execute(_MASKED_SUM, {"round_id": round_id}).scalar()
+        if stored is None:
+            conn.execute(masked_sums.insert(), {"round_id": round_id, "vector": masked.tobytes()})
+            return
+        total = np.add(np.frombuffer(stored, dtype="<u4"), masked, dtype="<u4")
+        conn.execute(_SET_MASKED_SUM, {"in_round": round_id, "vector": total.tobytes()})
+
     def survivors(self, round_id: str, device: Device) -> list[int]:
+        """Of this device and the neighbours that sent it shares, those whose masked input
+        arrived: all a device needs to decide which share of each neighbour to reveal."""
         with self.engine.connect() as conn:
             self._stage(conn, round_id, device, "unmasking")
-            self._participant(conn, round_id, device)
-            return self._indices(conn, round_id, "upload_digest")
+            me = self._participant(conn, round_id, device)
+            alive = [v for v, uploaded in self._senders(conn, round_id, me.idx).items() if uploaded]
+        return sorted([me.idx, *alive] if me.upload_digest is not None else alive)
 
     def submit_reveal(
         self, round_id: str, device: Device, revealed: list[tuple[int, str, bytes]]
@@ -442,20 +512,12 @@ class Coordinator:
             digest = _digest(json.dumps(sorted((o, k, s.hex()) for o, k, s in revealed)).encode())
             if self._resubmitted(me.reveal_digest, digest):
                 return
-            survivors = set(self._indices(conn, round_id, "upload_digest"))
-            senders = {
-                r.sender
-                for r in conn.execute(
-                    sa.select(shares.c.sender).where(
-                        shares.c.round_id == round_id, shares.c.recipient == me.idx
-                    )
-                )
-            }
+            senders = self._senders(conn, round_id, me.idx)
             owners = [o for o, _, _ in revealed]
-            if len(owners) != len(set(owners)) or set(owners) != senders:
+            if len(owners) != len(set(owners)) or set(owners) != set(senders):
                 raise InvalidInputError("reveal one share for each neighbour that sent shares")
             for owner, kind, share in revealed:
-                if kind != ("b" if owner in survivors else "s") or len(share) != SHARE_BYTES:
+                if kind != ("b" if senders[owner] else "s") or len(share) != SHARE_BYTES:
                     raise InvalidInputError("reveal b shares of survivors, s shares of the dropped")
             conn.execute(
                 reveals.insert(),
@@ -464,7 +526,7 @@ class Coordinator:
                     for o, k, s in revealed
                 ],
             )
-            self._mark(conn, round_id, me.idx, reveal_digest=digest)
+            self._mark(conn, round_id, me.idx, "reveal_digest", digest)
             done = self._all_done(conn, round_id, "reveal_digest", "upload_digest")
             if done:
                 self._close(conn, row, config)
@@ -490,14 +552,14 @@ class Coordinator:
                 row = conn.execute(sa.select(rounds).where(rounds.c.round_id == round_id)).first()
                 if row is None or row.stage in FINAL or row.stage_deadline >= now:
                     continue
-                self._close(conn, row, RoundConfig.from_json(json.loads(row.config)))
+                self._close(conn, row, _round_config(row.config))
             self._notify(round_id)
 
     def _close(self, conn: sa.Connection, row: Any, config: RoundConfig) -> None:
         round_id, stage = row.round_id, row.stage
         deadline = time.time() + config.stage_timeout_s
         if stage == "join":
-            joined = self._count(conn, round_id)
+            joined = self._last_index(conn, round_id)
             if joined < max(config.min_survivors, 2 if config.secure else 1):
                 return self._abort(conn, round_id, f"only {joined} devices joined")
             if not config.secure:
@@ -521,7 +583,7 @@ class Coordinator:
             "upload": "upload_digest",
         }
         if stage in column:
-            alive = len(self._indices(conn, round_id, column[stage]))
+            alive = self._progress(conn, round_id)[column[stage]]
             if alive < config.min_survivors:
                 return self._abort(conn, round_id, f"only {alive} devices completed {stage}")
             if stage == "share_keys":
@@ -543,7 +605,9 @@ class Coordinator:
         else:
             plain = self._plain_uploads(conn, round_id, layout, config)
             if config.aggregator == "mean":
-                total = np.sum(list(plain), axis=0)
+                total = np.zeros(layout.length)
+                for vector in plain:  # one update in memory at a time
+                    total += vector
                 means = _aggregate.means_of_sum(
                     _aggregate.add_noise(total, config, self._rng), layout, config
                 )
@@ -608,13 +672,13 @@ class Coordinator:
             self._abort(conn, round_id, f"{len(short)} devices lack {t} revealed shares")
             return None
         keys = {p.idx: bytes(p.s_pk) for p in members}
-        masked = (
-            np.frombuffer(r.vector, dtype="<u4")
-            for r in conn.execute(sa.select(uploads.c.vector).where(uploads.c.round_id == round_id))
-        )
+        stored = conn.execute(_MASKED_SUM, {"round_id": round_id}).scalar()
+        if stored is None:
+            self._abort(conn, round_id, "the round's sum of masked inputs is missing")
+            return None
         return _aggregate.secure_sum(
             round_id,
-            masked,
+            [np.frombuffer(stored, dtype="<u4")],
             b_shares,
             {u: s_shares[u] for u in dropped if masked_with[u]},
             keys,
@@ -642,20 +706,20 @@ class Coordinator:
             logger.info("round %s -> %s", round_id, values["stage"])
 
     def _discard(self, conn: sa.Connection, round_id: str) -> None:
-        """Drop a finished round's masked uploads, sealed shares and reveals."""
-        for table in (uploads, shares, reveals):
+        """Drop a finished round's uploads or masked sum, sealed shares and reveals."""
+        for table in _ROUND_DATA:
             conn.execute(table.delete().where(table.c.round_id == round_id))
 
     def _discard_finished(self) -> None:
         with self.engine.begin() as conn:
             done = sa.select(rounds.c.round_id).where(rounds.c.stage.in_(FINAL))
-            for table in (uploads, shares, reveals):
+            for table in _ROUND_DATA:
                 conn.execute(table.delete().where(table.c.round_id.in_(done)))
 
     # ---- small queries ---------------------------------------------------------------------
 
     def _round(self, conn: sa.Connection, round_id: str, app_id: str) -> Any:
-        row = conn.execute(sa.select(rounds).where(rounds.c.round_id == round_id)).first()
+        row = conn.execute(_ROUND_BY_ID, {"round_id": round_id}).first()
         if row is None or row.app_id != app_id:
             raise NotFoundError(f"no round {round_id!r} for this app")
         return row
@@ -664,55 +728,68 @@ class Coordinator:
         self, conn: sa.Connection, round_id: str, device: Device, stage: str
     ) -> tuple[Any, RoundConfig]:
         row = self._round(conn, round_id, device.app_id)
+        self._expect_stage(row, stage)
+        return row, _round_config(row.config)
+
+    @staticmethod
+    def _expect_stage(row: Any, stage: str) -> None:
         if row.stage != stage:
             raise RoundConflictError(
                 f"round is in stage {row.stage!r}, not {stage!r}: the request is late or early"
             )
-        return row, RoundConfig.from_json(json.loads(row.config))
 
     def _participant(
         self, conn: sa.Connection, round_id: str, device: Device, *, missing_ok: bool = False
     ) -> Any:
         row = conn.execute(
-            sa.select(participants).where(
-                participants.c.round_id == round_id, participants.c.device_id == device.device_id
-            )
+            _PARTICIPANT, {"round_id": round_id, "device_id": device.device_id}
         ).first()
         if row is None and not missing_ok:
             raise RoundConflictError("this device did not join this round")
         return row
 
     def _layout(self, conn: sa.Connection, app_id: str, config: RoundConfig) -> PersonaLayout:
-        row = self._model_row(conn, app_id, config.model_version)
-        layout: PersonaLayout = PersonaLayout.from_json(json.loads(row.layout))
+        layout_json = self._layout_json(conn, app_id, config.model_version)
+        layout: PersonaLayout = PersonaLayout.from_json(json.loads(layout_json))
         return layout
 
-    def _count(self, conn: sa.Connection, round_id: str) -> int:
-        return int(
-            conn.execute(
-                sa.select(sa.func.count()).where(participants.c.round_id == round_id)
-            ).scalar_one()
-        )
+    def _layout_json(self, conn: sa.Connection, app_id: str, version: int) -> str:
+        """The layout of a model version, without reading its tensors (versions never change,
+        so it is read once)."""
+        known = self._layouts.get((app_id, version))
+        if known is not None:
+            return known
+        found = conn.execute(
+            sa.select(models.c.layout).where(models.c.app_id == app_id, models.c.version == version)
+        ).scalar()
+        if found is None:
+            raise NotFoundError(f"app {app_id!r} has no model version {version}")
+        self._layouts[(app_id, version)] = str(found)
+        return str(found)
 
-    def _indices(self, conn: sa.Connection, round_id: str, column: str) -> list[int]:
-        rows = conn.execute(
-            sa.select(participants.c.idx)
-            .where(participants.c.round_id == round_id, participants.c[column].is_not(None))
-            .order_by(participants.c.idx)
-        )
-        return [r.idx for r in rows]
+    def _last_index(self, conn: sa.Connection, round_id: str) -> int:
+        """The highest index given out so far: devices join as 1, 2, ... and never leave."""
+        last = conn.execute(_LAST_INDEX, {"round_id": round_id}).scalar()
+        return int(last or 0)
+
+    def _progress(self, conn: sa.Connection, round_id: str) -> dict[str, int]:
+        """How many participants have each digest column set (join_digest: all of them)."""
+        counts = conn.execute(_PROGRESS, {"round_id": round_id}).one()
+        return dict(zip(_DIGESTS, counts, strict=True))
 
     def _all_done(self, conn: sa.Connection, round_id: str, column: str, expected: str) -> bool:
-        return len(self._indices(conn, round_id, column)) == len(
-            self._indices(conn, round_id, expected)
-        )
+        """Whether every participant that has `expected` set also has `column` set (an index
+        on (round_id, column, expected) leads straight to the pending ones)."""
+        return conn.execute(_PENDING[column, expected], {"round_id": round_id}).first() is None
 
-    def _mark(self, conn: sa.Connection, round_id: str, idx: int, **values: str) -> None:
-        conn.execute(
-            participants.update()
-            .where(participants.c.round_id == round_id, participants.c.idx == idx)
-            .values(**values)
-        )
+    def _senders(self, conn: sa.Connection, round_id: str, recipient: int) -> dict[int, bool]:
+        """The devices that sent `recipient` shares -> whether their masked input arrived."""
+        rows = conn.execute(_SENDERS, {"round_id": round_id, "recipient": recipient})
+        return {r.sender: bool(r.uploaded) for r in rows}
+
+    def _mark(self, conn: sa.Connection, round_id: str, idx: int, column: str, digest: str) -> None:
+        """Record that participant `idx` submitted a stage (`column`: its digest column)."""
+        conn.execute(_MARK[column], {"in_round": round_id, "at_idx": idx, "digest": digest})
 
     @staticmethod
     def _resubmitted(previous: str | None, digest: str) -> bool:
@@ -724,6 +801,12 @@ class Coordinator:
                 "this device already submitted a different payload for this stage"
             )
         return True
+
+
+@functools.lru_cache(maxsize=256)
+def _round_config(stored: str) -> RoundConfig:
+    """A round's configuration from its stored JSON (immutable, so parsed once)."""
+    return RoundConfig.from_json(json.loads(stored))
 
 
 def _check_plain(vector: np.ndarray, layout: PersonaLayout, config: RoundConfig) -> None:

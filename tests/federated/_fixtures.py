@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -119,10 +120,16 @@ class Server:
     port: int = 0
     extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
+    ca_file: Path | None = None  # set when extra_args serve HTTPS: the CA that signed its cert
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "http" if self.ca_file is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        return True if self.ca_file is None else ssl.create_default_context(cafile=self.ca_file)
 
     def start(self) -> Server:
         self.port = self.port or free_port()
@@ -157,7 +164,8 @@ class Server:
     def _ready(self) -> bool:
         assert self.process is not None and self.process.poll() is None, "coordinator exited"
         try:
-            return httpx.get(self.url + "/openapi.json", timeout=1).status_code == 200
+            response = httpx.get(self.url + "/openapi.json", timeout=1, verify=self.verify)
+            return response.status_code == 200
         except httpx.TransportError:
             return False
 
@@ -168,7 +176,10 @@ class Server:
 
     def admin(self) -> httpx.Client:
         return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=30,
+            verify=self.verify,
         )
 
 

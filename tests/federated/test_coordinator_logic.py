@@ -8,10 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from _fixtures import ADMIN_TOKEN, LAYOUT, contribution, initial_model, model_payload
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
 from dp_accounting.rdp import RdpAccountant
-from edgeperso_federated import Coordinator, CoordinatorConfig, RoundConfig
+from edgeperso_federated import Coordinator, CoordinatorConfig, RoundConfig, _db, _rounds
+from edgeperso_federated._db import masked_sums, uploads
+from edgeperso_federated._errors import RoundConflictError
 from edgeperso_federated._rounds import Device
 
 from edgeperso import BudgetExhaustedError
@@ -161,3 +164,175 @@ def test_trimmed_mean_resists_a_poisoned_update_when_secure_aggregation_is_off(
     honest_mean = np.mean([v[:4] for v in honest], axis=0)
     shift = model["head_bias"] - start["head_bias"]
     assert np.max(np.abs(shift - honest_mean)) < 0.05
+
+
+def test_a_device_learns_only_which_of_its_own_neighbours_survived(
+    coordinator: Coordinator,
+) -> None:
+    """With 30 devices the SecAgg+ graph is sparse (k = 22): the survivor list a device gets
+    covers itself and the neighbours that sent it shares, not the whole cohort."""
+    app_id, key = _app(coordinator)
+    task_json, task = _round(coordinator, app_id, 30, target_dropout=0.05)
+    rid = task_json["round_id"]
+    devices = [Device(coordinator.enrol(app_id, key)[0], app_id) for _ in range(30)]
+    clients = [SecAggClient.start(rid) for _ in devices]
+    for d, c in zip(devices, clients, strict=True):
+        coordinator.join(rid, d, c.c_pk, c.s_pk)
+    around: dict[int, set[int]] = {}
+    for d, c in zip(devices, clients, strict=True):
+        nb = coordinator.neighbours(rid, d)
+        around[nb["index"]] = {p["index"] for p in nb["neighbours"]}
+        peers = {p["index"]: (p["c_pk"], p["s_pk"]) for p in nb["neighbours"]}
+        coordinator.submit_shares(rid, d, c.share_keys(nb["index"], peers, nb["threshold"]))
+    assert {len(v) for v in around.values()} == {22}
+    vector = contribution(task, 0)
+    # The last device shared its keys and drops before uploading.
+    for d, c in zip(devices[:-1], clients[:-1], strict=True):
+        inbox = {s["from"]: s["sealed"] for s in coordinator.inbox(rid, d)}
+        masked = c.masked_input(encode_fixed_point(vector, task.fixed_point_scale), inbox)
+        coordinator.submit_upload(rid, d, encode_tensors({"masked": masked}))
+    coordinator.tick(now=coordinator.status(rid, app_id)["stage_deadline"] + 1)
+    quiet_index = clients[-1].index
+    for d, c in zip(devices[:-1], clients[:-1], strict=True):
+        survivors = set(coordinator.survivors(rid, d))
+        assert survivors == ({c.index} | around[c.index]) - {quiet_index}
+        coordinator.submit_reveal(rid, d, c.reveal(survivors))
+    status = coordinator.status(rid, app_id)
+    assert status["stage"] == "published", status
+
+
+def test_a_secure_round_keeps_a_running_masked_sum_not_the_uploads(
+    coordinator: Coordinator,
+) -> None:
+    app_id, key = _app(coordinator)
+    task_json, task = _round(coordinator, app_id, 4)
+    rid = task_json["round_id"]
+    devices = [Device(coordinator.enrol(app_id, key)[0], app_id) for _ in range(4)]
+    clients = [SecAggClient.start(rid) for _ in devices]
+    for d, c in zip(devices, clients, strict=True):
+        coordinator.join(rid, d, c.c_pk, c.s_pk)
+    for d, c in zip(devices, clients, strict=True):
+        nb = coordinator.neighbours(rid, d)
+        peers = {p["index"]: (p["c_pk"], p["s_pk"]) for p in nb["neighbours"]}
+        coordinator.submit_shares(rid, d, c.share_keys(nb["index"], peers, nb["threshold"]))
+    masked = []
+    for seed, (d, c) in enumerate(zip(devices[:3], clients[:3], strict=True)):
+        inbox = {s["from"]: s["sealed"] for s in coordinator.inbox(rid, d)}
+        vector = encode_fixed_point(contribution(task, seed), task.fixed_point_scale)
+        masked.append(c.masked_input(vector, inbox))
+        coordinator.submit_upload(rid, d, encode_tensors({"masked": masked[-1]}))
+    with coordinator.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(uploads)).scalar() == 0
+        stored = conn.execute(sa.select(masked_sums.c.vector)).scalars().all()
+    expected = np.zeros(LAYOUT.length, np.uint32)
+    for y in masked:
+        expected += y
+    assert len(stored) == 1
+    np.testing.assert_array_equal(np.frombuffer(stored[0], dtype="<u4"), expected)
+
+
+def _filled_round(coordinator: Coordinator, round_id: str, cohort: int) -> None:
+    """A secure round of `cohort` devices halfway through masked_input, written directly."""
+    rng = np.random.default_rng(cohort)
+    digest = "d" * 64
+    with coordinator.engine.begin() as conn:
+        conn.execute(_db.apps.insert(), {"app_id": "a", "enrolment_key_hash": "", "delta": 1e-6})
+        conn.execute(
+            _db.rounds.insert(),
+            {
+                "round_id": round_id,
+                "app_id": "a",
+                "config": "{}",
+                "stage": "masked_input",
+                "stage_deadline": 0.0,
+                "created": 0.0,
+            },
+        )
+        conn.execute(
+            _db.participants.insert(),
+            [
+                {
+                    "round_id": round_id,
+                    "idx": i,
+                    "device_id": f"device-{i}",
+                    "c_pk": rng.bytes(32),
+                    "s_pk": rng.bytes(32),
+                    "join_digest": digest,
+                    "shares_digest": digest,
+                    "upload_digest": digest if i % 2 else None,
+                }
+                for i in range(1, cohort + 1)
+            ],
+        )
+        conn.execute(
+            _db.shares.insert(),
+            [
+                {
+                    "round_id": round_id,
+                    "sender": i,
+                    "recipient": (i + d) % cohort + 1,
+                    "sealed": b"",
+                }
+                for i in range(1, cohort + 1)
+                for d in range(24)
+            ],
+        )
+
+
+def _vm_steps(coordinator: Coordinator, query: Any, params: dict[str, Any]) -> int:
+    """SQLite virtual-machine instructions (in tens) that running `query` takes."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0  # carry on
+
+    with coordinator.engine.connect() as conn:
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        driver.set_progress_handler(count, 10)
+        conn.execute(query, params).all()
+        driver.set_progress_handler(None, 10)
+    return steps
+
+
+_HOT = ["_PARTICIPANT", "_LAST_INDEX", "_KEY_CLASH", "_PEERS", "_INBOX", "_SENDERS"]
+
+
+@pytest.mark.parametrize(
+    "statement", _HOT + [f"_PENDING:{column}:{expected}" for column, expected in _rounds._PENDING]
+)
+def test_per_request_queries_cost_the_same_in_a_round_of_100_or_2000_devices(
+    tmp_path: Path, statement: str
+) -> None:
+    """Every device request runs these. Work that grows with the round (a scan of its rows)
+    would make a stage of n devices cost O(n^2): with 1,000 devices the shares table holds
+    24,000 rows. SQLite's virtual-machine steps measure the work."""
+    name, *key = statement.split(":")
+    query = getattr(_rounds, name)
+    query = query[tuple(key)] if key else query
+    steps = {}
+    for cohort in (100, 2000):
+        config = CoordinatorConfig(
+            admin_token=ADMIN_TOKEN, database_url=f"sqlite:///{tmp_path / f'{cohort}.db'}"
+        )
+        coordinator = Coordinator(config)
+        _filled_round(coordinator, "r", cohort)
+        params = {"round_id": "r", "device_id": "device-50", "recipient": 50}
+        params |= {"c_pk": b"x" * 32, "s_pk": b"y" * 32, "around": list(range(40, 64))}
+        steps[cohort] = _vm_steps(coordinator, query, params)
+    assert steps[2000] < 1.5 * steps[100] + 20, steps
+
+
+def test_a_device_cannot_join_with_a_key_already_in_the_round(coordinator: Coordinator) -> None:
+    app_id, key = _app(coordinator)
+    task_json, _ = _round(coordinator, app_id, 5)
+    rid = task_json["round_id"]
+    first, second = (Device(coordinator.enrol(app_id, key)[0], app_id) for _ in range(2))
+    mine, other = SecAggClient.start(rid), SecAggClient.start(rid)
+    coordinator.join(rid, first, mine.c_pk, mine.s_pk)
+    for c_pk, s_pk in [(mine.c_pk, other.s_pk), (other.c_pk, mine.c_pk), (other.s_pk, mine.s_pk)]:
+        with pytest.raises(RoundConflictError, match="already in use"):
+            coordinator.join(rid, second, c_pk, s_pk)
+    assert coordinator.join(rid, second, other.c_pk, other.s_pk) == 2

@@ -65,6 +65,7 @@ def _spawn(
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(DEVICE), server.url, app, key, str(state), str(seed), *extra],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -131,15 +132,20 @@ def test_coordinator_killed_mid_round_restarts_and_the_round_completes(
         key = new_app(server, app)
         cohort = 4
         round_id = open_round(server, app, cohort_size=cohort, min_survivors=4, stage_timeout_s=20)
-        devices = [_spawn(server, app, key, tmp_path / f"dev{s}", s) for s in range(cohort)]
+        devices = [_spawn(server, app, key, tmp_path / f"dev{s}", s) for s in range(cohort - 1)]
+        # The last device holds the round in unmasking: it uploaded, it has not revealed yet.
+        held = _spawn(server, app, key, tmp_path / "dev3", 3, "--pause-after", "masked")
         wait_until(
-            lambda: round_stage(server, app, round_id)["stage"] in ("masked_input", "unmasking"),
+            lambda: round_stage(server, app, round_id)["stage"] == "unmasking",
             60,
-            "the round to reach the masked-input stage",
+            "the round to reach the unmasking stage",
         )
         server.kill()  # SIGKILL: no shutdown hooks run
         server.start()  # same port, same database
-        outcomes = [json.loads(d.communicate(timeout=90)[0]) for d in devices]
+        assert held.stdin is not None
+        held.stdin.write("go\n")  # reveal now, to the restarted coordinator
+        held.stdin.flush()
+        outcomes = [json.loads(d.communicate(timeout=90)[0]) for d in [*devices, held]]
         assert {o["status"] for o in outcomes} == {"published"}
         expected = _expected_model(round_id, cohort, list(range(cohort)))
         _assert_model(_published_model(server, app, key, 1), expected)

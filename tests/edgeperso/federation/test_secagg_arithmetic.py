@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 
 from edgeperso import IntegrityError, InvalidInputError, TamperedError
 from edgeperso.federation import secagg_params
+from edgeperso.federation._crypto import MaskExpander, agree, agree_many, prg_uint32
 from edgeperso.federation._protocol import SecAggClient, unmask_sum
 from edgeperso.federation._secagg import (
+    add_masks,
     decode_fixed_point,
     encode_fixed_point,
     fixed_point_scale,
@@ -148,3 +150,65 @@ def test_a_device_refuses_duplicate_neighbour_keys() -> None:
     a, b = SecAggClient.start("r"), SecAggClient.start("r")
     with pytest.raises(IntegrityError):
         a.share_keys(1, {2: (b.c_pk, b.s_pk), 3: (b.c_pk, b.s_pk)}, 2)
+
+
+@given(st.binary(min_size=32, max_size=32), st.integers(0, 300))
+@settings(max_examples=30, deadline=None)
+def test_the_mask_prg_is_the_aes_ctr_keystream_from_counter_zero(seed: bytes, length: int) -> None:
+    """Block i of the keystream is AES-256(seed, i), read as little-endian uint32."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    blocks = b"".join(i.to_bytes(16, "big") for i in range(length // 4 + 1))
+    encryptor = Cipher(algorithms.AES(seed), modes.ECB()).encryptor()
+    expected = np.frombuffer(encryptor.update(blocks), dtype="<u4")[:length]
+    np.testing.assert_array_equal(prg_uint32(seed, length), expected)
+
+
+def test_a_reused_mask_buffer_gives_each_seed_its_own_mask() -> None:
+    seeds = [bytes([i]) * 32 for i in range(3)]
+    expander = MaskExpander(1001)
+    masks = [expander.expand(s).copy() for s in [*seeds, seeds[0]]]
+    np.testing.assert_array_equal(masks[0], masks[3])
+    np.testing.assert_array_equal(masks[1], prg_uint32(seeds[1], 1001))
+    assert not np.array_equal(masks[0], masks[1])
+
+
+def test_masks_add_and_subtract_in_the_ring() -> None:
+    x = np.array([0, 1, 2**32 - 1], np.uint32)
+    mask = np.array([2**32 - 1, 2**31, 5], np.uint32)
+    add_masks(x, [(1, mask), (1, mask), (-1, mask)])
+    np.testing.assert_array_equal(x, np.array([2**32 - 1, 2**31 + 1, 4], np.uint32))
+
+
+@given(
+    st.lists(st.floats(-2.0, 2.0, allow_nan=False, width=32), max_size=40),
+    st.sampled_from([np.float32, np.float64]),
+    st.integers(0, 30),
+)
+def test_fixed_point_encoding_is_twos_complement_of_the_rounded_scaled_value(
+    values: list[float], dtype: type, exponent: int
+) -> None:
+    x, scale = np.array(values, dtype=dtype), float(2**exponent)
+    reference = np.rint(x.astype(np.float64) * scale)
+    if np.any(np.abs(reference) >= 2**31):
+        with pytest.raises(InvalidInputError, match="range"):
+            encode_fixed_point(x, scale)
+        return
+    encoded = encode_fixed_point(x, scale)
+    assert encoded.dtype == np.uint32
+    np.testing.assert_array_equal(encoded, reference.astype(np.int64).astype(np.uint32))
+
+
+def test_infinite_values_and_overflowing_scales_are_told_apart() -> None:
+    with pytest.raises(InvalidInputError, match="NaN or infinite"):
+        encode_fixed_point(np.array([np.inf]), 2.0)
+    with pytest.raises(InvalidInputError, match="range"):
+        encode_fixed_point(np.array([1e300]), 1e300)
+
+
+def test_keys_agreed_with_many_peers_match_one_by_one_agreement() -> None:
+    me = SecAggClient.start("r")
+    peers = {v: SecAggClient.start("r").s_pk for v in range(1, 6)}
+    together = agree_many(me.s_sk, peers, b"info")
+    assert together == {v: agree(me.s_sk, pk, b"info") for v, pk in peers.items()}
+    assert len(set(together.values())) == len(peers)
