@@ -119,8 +119,11 @@ def config(scenario: str, **overrides: Any) -> RoundConfig:
         clip_norm=1.0,
         summary_clip=2.5,
         weight_cap=6.0,
-        join_timeout_s=60.0,
-        stage_timeout_s=60.0,
+        # Generous: the first round of a fresh ray cluster waits for its actors to start and
+        # import, which took over 60 s on a loaded 2-core machine. No scenario waits for a
+        # timeout to pass (the dropout device fails fast), so this costs nothing otherwise.
+        join_timeout_s=300.0,
+        stage_timeout_s=300.0,
     )
     return RoundConfig(**(values | overrides))
 
