@@ -203,7 +203,9 @@ class Personalizer:
                 "this adapter was trained for another bundle (a different model or export); "
                 "retrain the user on this device instead"
             )
-        history = params.pop("__history__")
+        history = params.pop("__history__", None)
+        if history is None:
+            raise InvalidInputError("the package holds no history embeddings: not an adapter")
         specs = self.manifest.params_at("user")
         if set(params) != {s.name for s in specs}:
             raise InvalidInputError("the package does not hold this bundle's user parameters")
