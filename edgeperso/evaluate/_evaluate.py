@@ -272,6 +272,7 @@ class _Run:
             kept=trained.kept,
             stage=trained.stage,
             head_l2=trained.head_l2,
+            knn=trained.knn,
             train_seconds=trained.seconds,
             personalize_seconds=personal_s,
             adapter_bytes=trained.adapter_bytes,
@@ -299,7 +300,7 @@ class _Run:
 
     def _features(self, texts: Sequence[str]) -> np.ndarray:
         """Base features of `texts`, from the feature cache where it has them."""
-        scope = self.model._bundle_identity().encode()
+        scope = self.model.bundle_identity.encode()
         keys = [hashlib.sha256(scope + t.encode()).hexdigest() for t in texts]
         cached: dict[str, np.ndarray] = {}
         path = Path(self.config.feature_cache) if self.config.feature_cache else None

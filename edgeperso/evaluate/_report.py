@@ -25,8 +25,9 @@ class UserResult:
     global_metrics: Mapping[str, float]
     personal_metrics: Mapping[str, float]
     kept: str  # "personal" or "global": what train() kept
-    stage: str  # TrainResult.stage: "global", "head" or "adapter"
+    stage: str  # TrainResult.stage: "global", "head", "knn" or "adapter"
     head_l2: float | None  # TrainResult.head_l2
+    knn: tuple[int, float] | None  # TrainResult.knn: (k, weight) of a kept retrieval mix
     train_seconds: float  # TrainResult.seconds
     personalize_seconds: float  # storing the examples (encrypted, embedded) + training
     adapter_bytes: int  # size of the stored adapter (0 when the runtime kept "global")

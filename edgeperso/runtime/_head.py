@@ -32,7 +32,7 @@ def fit_logistic(
     if features.ndim != 2 or len(features) != len(labels) or len(labels) == 0:
         raise InvalidInputError("features must be [n, d] with one label per row, n > 0")
     x = features.astype(np.float64)
-    mean, std = x.mean(0), x.std(0) + 1e-8
+    mean, std = x.mean(0), _usable_std(x)
     z = np.hstack([(x - mean) / std, np.ones((len(x), 1))])  # [n, d+1], last column: bias
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     if class_weighting:
@@ -73,16 +73,59 @@ def fit_logistic(
     return weights.astype(np.float32), bias.astype(np.float32)
 
 
+def _usable_std(x: np.ndarray) -> np.ndarray:
+    """Per-column standard deviations for standardising, with (near-)constant columns set
+    to infinity so that they get zero weight. Dividing by a tiny std instead (one int8
+    MiniLM feature varies by ~5e-10) gives that column a weight of ~1e4: harmless to the
+    predictions, but it dominates the weights' norm, which federated clipping then scales
+    down with everything the user learnt."""
+    std = x.std(0)
+    return np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, np.inf)
+
+
 def fit_ridge(
     x: np.ndarray, y: np.ndarray, l2: float, offset: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """W [d, 1], b [1] minimising mean (offset + x W + b - y)^2 + l2 ||W||^2 on standardised
     features (the bias is not penalised); closed form."""
     mean_x = x.mean(0)
-    std = x.std(0) + 1e-8
+    std = _usable_std(x.astype(np.float64))
     z = ((x - mean_x) / std).astype(np.float64)
     target = y.astype(np.float64) - (0.0 if offset is None else offset.astype(np.float64))
     gram = z.T @ z / len(x) + l2 * np.eye(x.shape[1])
     w = np.linalg.solve(gram, z.T @ (target - target.mean()) / len(x)) / std
     bias = target.mean() - mean_x @ w
     return w[:, None].astype(np.float32), np.array([bias], np.float32)
+
+
+def knn_mix(
+    logits: np.ndarray,  # [n, C] the model's outputs for the queries
+    queries: np.ndarray,  # [n, d] the queries' text features
+    keys: np.ndarray,  # [m, d] the user's labelled examples' features, rows of unit norm
+    labels: np.ndarray,  # [m] int64 in [0, C)
+    k: int,
+    weight: float,
+) -> np.ndarray:
+    """[n, C] log of (1 - weight) * softmax(logits) + weight * (label shares among the k most
+    cosine-similar of the user's examples): a retrieval signal from the user's own history,
+    as log-probabilities so that softmax gives the mixture back."""
+    q = queries.astype(np.float64)
+    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    similarity = q @ keys.astype(np.float64).T  # [n, m]
+    k = min(k, keys.shape[0])
+    nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]  # [n, k], any order
+    votes = np.zeros(logits.shape, np.float64)
+    for c in range(logits.shape[1]):
+        votes[:, c] = (labels[nearest] == c).mean(1)
+    shifted = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(1, keepdims=True)
+    mixed: np.ndarray = np.log((1 - weight) * probs + weight * votes + 1e-12)
+    return mixed
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32): the keys knn_mix compares queries with."""
+    out = x.astype(np.float32)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out

@@ -97,3 +97,46 @@ def from_bytes(data: bytes) -> Params:
             return {name: npz[name] for name in npz.files}
     except (ValueError, OSError) as exc:
         raise IntegrityError(f"stored parameters cannot be decoded ({exc})") from exc
+
+
+KNN_KEYS = ("knn.keys", "knn.labels", "knn.k", "knn.weight")
+
+
+def split_knn(
+    params: Params, manifest: Manifest
+) -> tuple[Params, tuple[np.ndarray, np.ndarray, int, float] | None]:
+    """A stored or imported adapter -> (user parameters, retrieval memory or None). The
+    memory (stage "knn" of training) is the user's examples' unit-norm features, their label
+    indices, k and the mixing weight; it is checked here because imported packages carry it."""
+    memory = {k: params.pop(k) for k in KNN_KEYS if k in params}
+    if not memory:
+        return params, None
+    if set(memory) != set(KNN_KEYS):
+        raise InvalidInputError(f"an adapter's retrieval memory needs all of {list(KNN_KEYS)}")
+    keys, labels = memory["knn.keys"], memory["knn.labels"]
+    k, weight = memory["knn.k"], memory["knn.weight"]
+    if (
+        keys.dtype != np.float32
+        or keys.ndim != 2
+        or keys.shape[1] != manifest.hidden_size
+        or not len(keys)
+        or not np.isfinite(keys).all()
+        or labels.dtype != np.int64
+        or labels.shape != (len(keys),)
+        or not ((labels >= 0) & (labels < len(manifest.labels))).all()
+        or k.shape != ()
+        or int(k) < 1
+        or weight.shape != ()
+        or not 0 < float(weight) <= 1
+    ):
+        raise InvalidInputError("an adapter's retrieval memory is malformed for this bundle")
+    return params, (keys, labels, int(k), float(weight))
+
+
+def knn_memory(keys: np.ndarray, labels: np.ndarray, k: int, weight: float) -> Params:
+    return {
+        "knn.keys": keys.astype(np.float32),
+        "knn.labels": labels.astype(np.int64),
+        "knn.k": np.array(k, np.int64),
+        "knn.weight": np.array(weight, np.float64),
+    }

@@ -9,15 +9,16 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgeperso._errors import InvalidInputError, UnsupportedError
 from edgeperso.bundle import INFER_GRAPH, Bundle, Manifest
 from edgeperso.runtime import _params
-from edgeperso.runtime._head import fit_logistic, fit_ridge
+from edgeperso.runtime._head import fit_logistic, fit_ridge, knn_mix, unit_rows
 from edgeperso.runtime._params import Params
 from edgeperso.runtime._session import Graph, SessionOptions
 from edgeperso.runtime._tokenize import Encoded, TextEncoder, check_texts
@@ -188,7 +189,7 @@ class Personalizer:
         history, mask = self._history(user)
         payload = _params.from_bytes(blob) | {
             "__history__": history[mask > 0],
-            "__bundle__": np.frombuffer(self._bundle_identity().encode(), np.uint8),
+            "__bundle__": np.frombuffer(self.bundle_identity.encode(), np.uint8),
         }
         return seal_package(_params.to_bytes(payload), ADAPTER_PACKAGE, key)
 
@@ -198,7 +199,7 @@ class Personalizer:
         over after the imported history."""
         params = _params.from_bytes(open_package(package, ADAPTER_PACKAGE, key))
         identity = bytes(params.pop("__bundle__", np.zeros(0, np.uint8))).decode(errors="replace")
-        if identity != self._bundle_identity():
+        if identity != self.bundle_identity:
             raise UnsupportedError(
                 "this adapter was trained for another bundle (a different model or export); "
                 "retrain the user on this device instead"
@@ -207,7 +208,10 @@ class Personalizer:
         if history is None:
             raise InvalidInputError("the package holds no history embeddings: not an adapter")
         specs = self.manifest.params_at("user")
-        if set(params) != {s.name for s in specs}:
+        params, knn = _params.split_knn(params, self.manifest)
+        if knn is not None:
+            params |= _params.knn_memory(*knn)  # checked above; stored with the adapter
+        if set(params) - set(_params.KNN_KEYS) != {s.name for s in specs}:
             raise InvalidInputError("the package does not hold this bundle's user parameters")
         _params.check_params(specs, params)
         width = self.manifest.hidden_size
@@ -217,8 +221,10 @@ class Personalizer:
             self.store.put_blob(user, IMPORTED_HISTORY, _params.to_bytes({"h": history}), keep=1)
             self.store.put_blob(user, ADAPTER, _params.to_bytes(params), keep=2)
 
-    def _bundle_identity(self) -> str:
-        """The hashes of the graphs a user's parameters are tied to."""
+    @property
+    def bundle_identity(self) -> str:
+        """The hashes of the graphs a user's parameters are tied to: adapters, exported
+        packages and caches made for one bundle identity are valid for that one only."""
         graphs = {INFER_GRAPH, *(g.file for g in self.manifest.train.graphs)}
         return ",".join(
             sorted(f"{f.path}={f.sha256}" for f in self.manifest.files if f.path in graphs)
@@ -371,37 +377,39 @@ class Personalizer:
         rng = np.random.default_rng(config.seed)
         labels = None if data.labels is None else list(data.labels)
 
-        # Stage 1: the head, cross-validated against the shared model on every example.
+        # Stage 1: the head and the retrieval mix, cross-validated against the shared model
+        # on every example.
         folds = stratified_folds(labels, len(examples), config.folds, rng)
         every = np.arange(len(examples))
         parts = [np.flatnonzero(folds == k) for k in range(int(folds.max()) + 1)]
         global_score = self._score(data, every, data.shared_out)
         global_folds = np.array([self._score(data, held, data.shared_out) for held in parts])
-        head_l2, head_score = None, global_score
-        for l2 in config.head_l2:
-            predicted = np.zeros_like(data.shared_out)
-            for held in parts:
-                w, b = self._fit_head(data, np.setdiff1d(every, held), l2, config)
-                predicted[held] = data.shared_out[held] + data.features[held] @ w + b
+        chosen: tuple[str, Any] | None = None
+        best_score = global_score
+        for candidate, predicted in self._stage1_candidates(data, every, parts, config):
             score = self._score(data, every, predicted)
-            # The one-standard-error rule: the head must beat the shared model by more than
-            # `selection_se` standard errors of its per-fold advantage, not merely on average,
-            # so that fold-to-fold noise does not pick a head that is worse on new texts.
+            # The one-standard-error rule: a candidate must beat the shared model by more
+            # than `selection_se` standard errors of its per-fold advantage, not merely on
+            # average, so that fold-to-fold noise does not pick one that is worse on new texts.
             advantage = np.array([self._score(data, held, predicted) for held in parts])
             advantage = advantage - global_folds
             if self.manifest.task == "regression":
                 advantage = -advantage  # MAE: lower is better
             error = advantage.std(ddof=1) / math.sqrt(len(parts)) if len(parts) > 1 else 0.0
             clear = advantage.mean() > config.selection_se * error
-            if clear and self._better(score, head_score):
-                head_l2, head_score = l2, score
+            if clear and self._better(score, best_score):
+                chosen, best_score = candidate, score
+        head_l2 = float(chosen[1]) if chosen is not None and chosen[0] == "head" else None
+        knn = chosen[1] if chosen is not None and chosen[0] == "knn" else None
         kept: Params | None = None
-        stage, personal_score = "global", head_score
+        stage, personal_score = "global", best_score
         if head_l2 is not None:
-            kept = self._head_params(
-                *self._fit_head(data, np.arange(len(examples)), head_l2, config)
-            )
+            kept = self._head_params(*self._fit_head(data, every, head_l2, config))
             stage = "head"
+        elif knn is not None:
+            assert data.labels is not None  # retrieval candidates are for classification
+            memory = _params.knn_memory(unit_rows(data.features), data.labels, *knn)
+            kept, stage = self._zero_user() | memory, "knn"
 
         # Stage 2: the adapter, from the head fitted on the training slice only.
         adapter = _AdapterRun(0, 0, "completed", 0)
@@ -419,11 +427,12 @@ class Personalizer:
             blob = _params.to_bytes(kept)
             self.store.put_blob(user, ADAPTER, blob, keep=2)
             size = len(blob)
-            reason = (
-                "the head beats the shared model in cross-validation"
-                if stage == "head"
-                else "the adapter beats the shared model and the head on held-out data"
-            )
+            reason = {
+                "head": "the head beats the shared model in cross-validation",
+                "knn": "mixing in the user's most similar examples beats the shared model in "
+                "cross-validation",
+                "adapter": "the adapter beats the shared model and the head on held-out data",
+            }[stage]
         else:
             self.store.delete_blob(user, ADAPTER)
             reason = "the user's parameters did not beat the shared model on held-out data"
@@ -434,7 +443,8 @@ class Personalizer:
             metric="mae" if self.manifest.task == "regression" else "macro_f1",
             global_score=global_score,
             personal_score=personal_score,
-            head_l2=head_l2,
+            head_l2=head_l2 if stage != "global" else None,
+            knn=knn if stage == "knn" else None,
             examples=len(examples),
             holdout=adapter.holdout,
             steps=adapter.steps,
@@ -445,6 +455,36 @@ class Personalizer:
             resumed_from_step=adapter.resumed,
             adapter_bytes=size,
         )
+
+    def _stage1_candidates(
+        self, data: _Prepared, every: np.ndarray, parts: list[np.ndarray], config: TrainConfig
+    ) -> Iterator[tuple[tuple[str, Any], np.ndarray]]:
+        """(candidate, its out-of-fold outputs for every example): a head delta for each
+        strength in `config.head_l2`, then, for classification, the retrieval mix for each
+        k and weight (each fold's examples retrieve only from the other folds)."""
+        for l2 in config.head_l2:
+            predicted = np.zeros_like(data.shared_out)
+            for held in parts:
+                w, b = self._fit_head(data, np.setdiff1d(every, held), l2, config)
+                predicted[held] = data.shared_out[held] + data.features[held] @ w + b
+            yield ("head", l2), predicted
+        if data.labels is None:
+            return
+        keys = unit_rows(data.features)
+        for k in config.knn_k:
+            for weight in config.knn_weight:
+                predicted = np.zeros_like(data.shared_out)
+                for held in parts:
+                    rest = np.setdiff1d(every, held)
+                    predicted[held] = knn_mix(
+                        data.shared_out[held],
+                        data.features[held],
+                        keys[rest],
+                        data.labels[rest],
+                        k,
+                        weight,
+                    )
+                yield ("knn", (k, float(weight))), predicted
 
     def _fit_head(
         self, data: _Prepared, rows: np.ndarray, l2: float, config: TrainConfig
@@ -724,11 +764,15 @@ class Personalizer:
     ) -> tuple[np.ndarray, Encoded, bool]:
         blob = self.store.get_blob(user, ADAPTER)
         user_params = _params.from_bytes(blob) if blob is not None else self._zero_user()
+        user_params, knn = _params.split_knn(user_params, self.manifest)
         feeds = _params.infer_feeds(self.manifest, self._shared | user_params)
         history, mask = self._history(user)
         feeds |= {"history": history, "history_mask": mask}
-        outs, enc = self._run(texts, [output], feeds)
-        return outs[0], enc, blob is not None
+        if knn is None or output != "output":
+            outs, enc = self._run(texts, [output], feeds)
+            return outs[0], enc, blob is not None
+        (out, features), enc = self._run(texts, ["output", "features"], feeds)
+        return knn_mix(out, features, *knn).astype(np.float32), enc, True
 
     def _run(
         self, texts: Sequence[str], outputs: list[str], feeds: Mapping[str, np.ndarray]

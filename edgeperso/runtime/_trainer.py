@@ -44,7 +44,12 @@ class TrainConfig:
     # cross-validation over all the user's examples, against the shared model itself.
     head_l2: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     folds: int = 5
-    selection_se: float = 1.0  # the head's per-fold advantage must exceed this many SEs
+    selection_se: float = 1.0  # a candidate's per-fold advantage must exceed this many SEs
+    # Stage 1 also tries retrieval (classification): the shared model's probabilities mixed
+    # with the labels of the k most similar of the user's own examples, for each k and
+    # weight here, cross-validated the same way. Empty tuples turn it off.
+    knn_k: tuple[int, ...] = (5, 15)
+    knn_weight: tuple[float, ...] = (0.3, 0.6)
     # Stage 2, the adapter: LoRA, user embedding and head trained with the bundle's train
     # graph from the stage-1 head, kept only when it beats that head on a held-out slice.
     # Off by default: it costs ~100 train steps (seconds to a minute on 2 cores) and, on
@@ -95,6 +100,20 @@ class TrainConfig:
             raise InvalidInputError(
                 "TrainConfig.head_l2 must be a non-empty tuple of finite numbers > 0"
             )
+        for name in ("knn_k", "knn_weight"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not isinstance(self.knn_k, tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in self.knn_k
+        ):
+            raise InvalidInputError("TrainConfig.knn_k must be a tuple of ints >= 1 (or empty)")
+        if not isinstance(self.knn_weight, tuple) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1
+            for v in self.knn_weight
+        ):
+            raise InvalidInputError(
+                "TrainConfig.knn_weight must be a tuple of numbers in (0, 1] (or empty)"
+            )
         if self.folds < 2:
             raise InvalidInputError("TrainConfig.folds must be >= 2")
         for name in ("epochs", "min_steps", "learning_rate", "max_grad_norm"):
@@ -134,12 +153,13 @@ class TrainResult:
     which stage produced the kept parameters."""
 
     kept: Literal["personal", "global"]
-    stage: Literal["global", "head", "adapter"]
+    stage: Literal["global", "head", "knn", "adapter"]
     reason: str
     metric: Literal["macro_f1", "mae"]
     global_score: float
     personal_score: float
-    head_l2: float | None  # the cross-validated strength of the head's pull (None: global)
+    head_l2: float | None  # the cross-validated strength of the head's pull (None: no head)
+    knn: tuple[int, float] | None  # (k, weight) of the kept retrieval mix (None: none)
     examples: int
     holdout: int  # examples held out from the adapter stage (0 when it did not run)
     steps: int  # adapter train steps (0 when it did not run)

@@ -30,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="bundle directory to create")
     p.add_argument("--task", required=True, choices=["embedding", "classification", "regression"])
     p.add_argument("--labels", type=_csv, default=(), help="classification labels: a,b,c")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per text (default: the model's own, e.g. 256 for all-MiniLM-L6-v2)",
+    )
     p.add_argument("--lora-r", type=int, default=8, help="rank of the user adapter")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--shared-r", type=int, default=4, help="rank of persona/global adapters")

@@ -45,7 +45,7 @@ class ExportConfig:
 
     task: Task
     labels: tuple[str, ...] = ()
-    max_length: int = 128
+    max_length: int | None = None  # None: the model's own (sentence-transformers' max_seq_length)
     lora_r: int = 8
     lora_alpha: float = 16.0
     shared_r: int = 4  # rank of the persona and global adapters (0: no shared adapters)
@@ -71,7 +71,7 @@ class ExportConfig:
             raise ExportError(f"labels are only for classification, not {self.task}")
         if len(set(self.labels)) != len(self.labels):
             raise ExportError("labels must be distinct")
-        if not 8 <= self.max_length <= 4096:
+        if self.max_length is not None and not 8 <= self.max_length <= 4096:
             raise ExportError(f"max_length must be in 8..4096, got {self.max_length}")
         if self.lora_r < 1 or self.shared_r < 0:
             raise ExportError("lora_r must be >= 1 and shared_r >= 0")
@@ -98,5 +98,6 @@ class ExportConfig:
     @property
     def buckets(self) -> tuple[int, ...]:
         """Training sequence-length buckets, capped at max_length, ascending."""
-        kept = sorted({min(b, self.max_length) for b in self.seq_buckets})
+        cap = self.max_length if self.max_length is not None else max(self.seq_buckets)
+        kept = sorted({min(b, cap) for b in self.seq_buckets})
         return tuple(kept)

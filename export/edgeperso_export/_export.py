@@ -66,6 +66,7 @@ class _Source:
     family: Family
     pooling: str
     normalize: bool
+    max_length: int  # the model's own: what it was trained to embed
 
 
 def export_bundle(
@@ -134,7 +135,23 @@ def load_source(source: str) -> _Source:
         raise ExportError(f"cannot load a model from {source!r}: {exc}") from exc
     family = family_of(encoder.config.model_type)
     pooling, normalize = _sentence_transformers_head(path)
-    return _Source(source, encoder.float(), tokenizer, family, pooling, normalize)
+    return _Source(
+        source, encoder.float(), tokenizer, family, pooling, normalize, _max_length(path, encoder)
+    )
+
+
+def _max_length(path: Path, encoder: Any) -> int:
+    """sentence-transformers' `max_seq_length` when the model has one (256 for
+    all-MiniLM-L6-v2), else the position table's usable size, capped at 512."""
+    config = path / "sentence_bert_config.json"
+    if config.is_file():
+        value = json.loads(config.read_text()).get("max_seq_length")
+        if isinstance(value, int) and value >= 8:
+            return value
+    positions = int(getattr(encoder.config, "max_position_embeddings", 512))
+    if encoder.config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= int(encoder.config.pad_token_id) + 1  # position ids start after padding
+    return min(positions, 512)
 
 
 def _sentence_transformers_head(path: Path) -> tuple[str, bool]:
@@ -227,6 +244,9 @@ def _infer_defaults(
 def _build(source: str, work: Path, config: ExportConfig, stage: Progress) -> Manifest:
     stage("load")
     src = load_source(source)
+    if config.max_length is None:
+        config = dataclasses.replace(config, max_length=src.max_length)
+    assert config.max_length is not None  # for mypy: set just above
     encoder = src.encoder
     n_layers = len(src.family.layers(encoder))
     targets = config.lora_target_modules or src.family.default_targets

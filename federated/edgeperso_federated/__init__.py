@@ -1,13 +1,35 @@
-"""Coordinator for EdgePerso federated rounds (server side).
+"""Coordinator for EdgePerso federated rounds (server side), and the operator's client.
 
     config = CoordinatorConfig(admin_token=..., database_url="sqlite:///coordinator.db")
     app = create_app(config)          # ASGI; `edgeperso-coordinator serve` runs it under uvicorn
 
+    with AdminClient("http://127.0.0.1:8080", admin_token) as admin:
+        key = admin.create_app("notes", epsilon_budget=8.0)
+        admin.put_model("notes", 0, layout, initial_model(layout, params, centroids))
+        opened = admin.create_round(RoundConfig("notes", 0, cohort_size=5, min_survivors=3))
+
 Rounds: `RoundConfig` (POST /v1/admin/rounds). Protocol and threat model: docs/federated.md.
 """
 
+from edgeperso_federated._admin import (
+    AdminClient,
+    LedgerEntry,
+    OpenedRound,
+    RoundState,
+    initial_model,
+)
 from edgeperso_federated._app import create_app
 from edgeperso_federated._config import CoordinatorConfig, RoundConfig
 from edgeperso_federated._rounds import Coordinator
 
-__all__ = ["Coordinator", "CoordinatorConfig", "RoundConfig", "create_app"]
+__all__ = [
+    "AdminClient",
+    "Coordinator",
+    "CoordinatorConfig",
+    "LedgerEntry",
+    "OpenedRound",
+    "RoundConfig",
+    "RoundState",
+    "create_app",
+    "initial_model",
+]

@@ -1,15 +1,19 @@
-"""`edgeperso-coordinator`: serve the API, or print its OpenAPI document."""
+"""`edgeperso-coordinator`: serve the API, print its OpenAPI document, or act as the operator
+(create-app, create-round, status) against a running coordinator."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 
+from edgeperso import EdgePersoError
+from edgeperso_federated._admin import AdminClient
 from edgeperso_federated._app import create_app
-from edgeperso_federated._config import CoordinatorConfig
+from edgeperso_federated._config import CoordinatorConfig, RoundConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--device-burst", type=int, default=defaults.device_burst)
     commands.add_parser("openapi", help="print the OpenAPI document (JSON)")
+    _operator_commands(commands)
     args = parser.parse_args(argv)
 
     # The admin token is a secret: from the environment, never from argv (visible in ps).
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if len(token) < 16:
         parser.error("set EDGEPERSO_ADMIN_TOKEN (at least 16 characters) for the operator API")
+    if args.command != "serve":
+        return _operator(args, token, parser)
     import resource
 
     import uvicorn
@@ -81,6 +88,60 @@ def main(argv: list[str] | None = None) -> int:
         log_level="warning",
         access_log=False,
     )
+    return 0
+
+
+def _operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--url", default="http://127.0.0.1:8080", help="the coordinator")
+    where.add_argument("--ca-file", help="PEM CA bundle that signed an HTTPS coordinator's cert")
+    app = commands.add_parser(
+        "create-app", parents=[where], help="register an app; prints its enrolment key"
+    )
+    app.add_argument("app_id")
+    app.add_argument("--epsilon-budget", type=float, help="user-level DP budget (default: none)")
+    app.add_argument("--delta", type=float, default=1e-6)
+    opened = commands.add_parser(
+        "create-round", parents=[where], help="open a round; prints its id (JSON)"
+    )
+    opened.add_argument(
+        "config",
+        help='RoundConfig as JSON: \'{"app_id": "notes", "model_version": 0, "cohort_size": 50, '
+        '"min_survivors": 40, "noise_multiplier": 1.0, "sampling_probability": 0.01}\'',
+    )
+    status = commands.add_parser("status", parents=[where], help="a round's stage (JSON)")
+    status.add_argument("app_id")
+    status.add_argument("round_id")
+    status.add_argument("--wait", type=float, default=0, help="seconds to wait for it to close")
+
+
+def _operator(args: argparse.Namespace, token: str, parser: argparse.ArgumentParser) -> int:
+    config = None
+    if args.command == "create-round":
+        try:
+            config = RoundConfig.from_json(json.loads(args.config))
+        except (TypeError, ValueError) as exc:
+            parser.error(f"create-round: the config is not a valid RoundConfig ({exc})")
+    try:
+        with AdminClient(args.url, token, verify_tls=args.ca_file or True) as admin:
+            if args.command == "create-app":
+                print(
+                    admin.create_app(
+                        args.app_id, epsilon_budget=args.epsilon_budget, delta=args.delta
+                    )
+                )
+            elif config is not None:
+                print(json.dumps(dataclasses.asdict(admin.create_round(config))))
+            elif args.wait > 0:
+                state = admin.wait_for_round(args.app_id, args.round_id, timeout_s=args.wait)
+                print(json.dumps(dataclasses.asdict(state)))
+            else:
+                print(
+                    json.dumps(dataclasses.asdict(admin.round_status(args.app_id, args.round_id)))
+                )
+    except EdgePersoError as exc:
+        print(f"edgeperso-coordinator: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

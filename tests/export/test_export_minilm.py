@@ -33,6 +33,7 @@ def test_exported_bundle_loads_and_passed_every_gate(bundles: dict[str, Path], t
     bundle = Bundle.load(bundles[task])
     manifest = bundle.manifest
     assert manifest.task == task
+    assert manifest.max_length == 256  # the model's own sentence_bert_config.json max_seq_length
     gated = [c for c in manifest.parity if not c.name.startswith("batch_")]
     assert gated, "the manifest must carry the parity report"
     assert all(c.passed for c in gated), [c for c in gated if not c.passed]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ import numpy as np
 
 from edgeperso.federation import FederatedParam, PersonaLayout, RoundTask
 from edgeperso.federation._layout import persona_key
+from edgeperso.federation._protocol import SecAggClient
+from edgeperso.federation._secagg import encode_fixed_point
 from edgeperso.federation._update import build_contribution
 from edgeperso.federation._wire import encode_tensors
 
@@ -131,6 +134,11 @@ class Server:
     def verify(self) -> ssl.SSLContext | bool:
         return True if self.ca_file is None else ssl.create_default_context(cafile=self.ca_file)
 
+    @classmethod
+    def sqlite(cls, root: Path, *extra_args: str) -> Server:
+        """A coordinator (not started yet) with its SQLite database and log in `root`."""
+        return cls(f"sqlite:///{root / 'coordinator.db'}", root / "coordinator.log", 0, extra_args)
+
     def start(self) -> Server:
         self.port = self.port or free_port()
         env = {**os.environ, "EDGEPERSO_ADMIN_TOKEN": ADMIN_TOKEN}
@@ -205,6 +213,61 @@ def round_stage(server: Server, app_id: str, round_id: str) -> dict[str, Any]:
     with server.admin() as admin:
         result: dict[str, Any] = admin.get(f"/v1/admin/apps/{app_id}/rounds/{round_id}").json()
         return result
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def enrol(server: Server, app: str, key: str) -> tuple[httpx.Client, str]:
+    """A new device of `app`: an HTTP client that sends its credential, and the credential."""
+    enrolled = httpx.post(f"{server.url}/v1/devices", json={"app_id": app, "enrolment_key": key})
+    assert enrolled.status_code == 201, enrolled.text
+    token = f"{enrolled.json()['device_id']}.{enrolled.json()['token']}"
+    client = httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
+    return client, token
+
+
+# The secure protocol's device steps over raw HTTP, for tests that send something else between
+# them; the real device code is FederationClient.
+
+
+def join_secure(device: httpx.Client, round_id: str) -> SecAggClient:
+    """Join a secure round with fresh key pairs."""
+    secagg = SecAggClient.start(round_id)
+    keys = {"c_pk": b64(secagg.c_pk), "s_pk": b64(secagg.s_pk)}
+    joined = device.post(f"/v1/rounds/{round_id}/join", json=keys)
+    assert joined.status_code == 200, joined.text
+    return secagg
+
+
+def share_keys(device: httpx.Client, secagg: SecAggClient) -> None:
+    """Seal Shamir shares of the device's secrets to its neighbours and send them."""
+    base = f"/v1/rounds/{secagg.round_id}"
+    nb = device.get(f"{base}/neighbours").json()
+    peers = {
+        p["index"]: (base64.b64decode(p["c_pk"]), base64.b64decode(p["s_pk"]))
+        for p in nb["neighbours"]
+    }
+    sealed = secagg.share_keys(nb["index"], peers, nb["threshold"])
+    body = {"shares": [{"to": v, "sealed": b64(c)} for v, c in sealed.items()]}
+    sent = device.post(f"{base}/shares", json=body)
+    assert sent.status_code == 204, sent.text
+
+
+def masked_input(
+    device: httpx.Client, secagg: SecAggClient, task: RoundTask, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the device's contribution [L] float64, its masked upload [L] uint32), masked with the
+    shares in its inbox; not sent."""
+    vector = contribution(task, seed)
+    inbox = {
+        s["from"]: base64.b64decode(s["sealed"])
+        for s in device.get(f"/v1/rounds/{secagg.round_id}/inbox").json()["shares"]
+    }
+    return vector, secagg.masked_input(encode_fixed_point(vector, task.fixed_point_scale), inbox)
 
 
 def find_postgres_bin() -> Path | None:

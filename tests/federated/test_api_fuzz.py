@@ -13,24 +13,25 @@ or with a wrong one.
 
 from __future__ import annotations
 
-import base64
 import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 import schemathesis
 from _fixtures import (
     ADMIN_TOKEN,
     Server,
+    enrol,
     initial_model,
-    local_update,
+    join_secure,
+    masked_input,
     new_app,
     open_round,
     round_stage,
+    share_keys,
 )
 from edgeperso_federated import CoordinatorConfig, create_app
 from hypothesis import HealthCheck, Phase, given, settings
@@ -46,9 +47,6 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from edgeperso.federation import RoundTask
-from edgeperso.federation._protocol import SecAggClient
-from edgeperso.federation._secagg import encode_fixed_point
-from edgeperso.federation._update import build_contribution
 from edgeperso.federation._wire import encode_tensors
 
 MAX_EXAMPLES = int(os.environ.get("EDGEPERSO_FUZZ_EXAMPLES", "5"))
@@ -88,20 +86,6 @@ class Fuzzed:
     scenes: list[Scene]
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _device(server: Server, app: str, key: str) -> tuple[httpx.Client, str]:
-    enrolled = httpx.post(f"{server.url}/v1/devices", json={"app_id": app, "enrolment_key": key})
-    assert enrolled.status_code == 201, enrolled.text
-    token = f"{enrolled.json()['device_id']}.{enrolled.json()['token']}"
-    client = httpx.Client(
-        base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
-    )
-    return client, token
-
-
 def _scene(server: Server, stage: str) -> Scene:
     """Drive three real devices through the protocol until the round is in `stage`."""
     app = f"fuzz-{stage}-{uuid.uuid4().hex[:6]}"
@@ -110,60 +94,37 @@ def _scene(server: Server, stage: str) -> Scene:
     rid = open_round(
         server, app, cohort_size=3, min_survivors=3, secure=secure, stage_timeout_s=600
     )
-    devices = [_device(server, app, key) for _ in range(3)]
-    base = f"/v1/rounds/{rid}"
+    devices = [enrol(server, app, key) for _ in range(3)]
+    scene = Scene(stage, app, rid, devices[0][1])
     if stage == "join":
-        return Scene(stage, app, rid, devices[0][1])
+        return scene
     task = RoundTask.from_json(devices[0][0].get("/v1/task").json(), initial_model())
     if not secure:
         for client, _ in devices:
-            assert client.post(f"{base}/join", json={}).status_code == 200
-        return Scene(stage, app, rid, devices[0][1])
-    clients = [SecAggClient.start(rid) for _ in devices]
-    for (client, _), secagg in zip(devices, clients, strict=True):
-        keys = {"c_pk": _b64(secagg.c_pk), "s_pk": _b64(secagg.s_pk)}
-        assert client.post(f"{base}/join", json=keys).status_code == 200
+            assert client.post(f"/v1/rounds/{rid}/join", json={}).status_code == 200
+        return scene
+    clients = [join_secure(client, rid) for client, _ in devices]
     if stage == "share_keys":
-        return Scene(stage, app, rid, devices[0][1])
+        return scene
     for (client, _), secagg in zip(devices, clients, strict=True):
-        nb = client.get(f"{base}/neighbours").json()
-        peers = {
-            p["index"]: (base64.b64decode(p["c_pk"]), base64.b64decode(p["s_pk"]))
-            for p in nb["neighbours"]
-        }
-        sealed = secagg.share_keys(nb["index"], peers, nb["threshold"])
-        body = {"shares": [{"to": v, "sealed": _b64(c)} for v, c in sealed.items()]}
-        assert client.post(f"{base}/shares", json=body).status_code == 204
+        share_keys(client, secagg)
     if stage == "masked_input":
-        return Scene(stage, app, rid, devices[0][1])
+        return scene
     octet = {"Content-Type": "application/octet-stream"}
     for seed, ((client, _), secagg) in enumerate(zip(devices, clients, strict=True)):
-        update = local_update(task, seed)
-        vector, _ = build_contribution(
-            task, update["before"], update["after"], update["summary"], update["num_examples"]
-        )
-        inbox = {
-            s["from"]: base64.b64decode(s["sealed"])
-            for s in client.get(f"{base}/inbox").json()["shares"]
-        }
-        masked = secagg.masked_input(encode_fixed_point(vector, task.fixed_point_scale), inbox)
-        put = client.put(
-            f"{base}/masked", content=encode_tensors({"masked": masked}), headers=octet
-        )
+        _, masked = masked_input(client, secagg, task, seed)
+        body = encode_tensors({"masked": masked})
+        put = client.put(f"/v1/rounds/{rid}/masked", content=body, headers=octet)
         assert put.status_code == 204, put.text
-    return Scene(stage, app, rid, devices[0][1])
+    return scene
 
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     root = tmp_path_factory.mktemp("fuzz")
-    server = Server(
-        f"sqlite:///{root / 'coordinator.db'}",
-        root / "coordinator.log",
-        # The fuzzer sends hundreds of requests per device credential: rate limits have their
-        # own test.
-        extra_args=("--max-body-bytes", "200000", "--device-rate", "100000"),
-    ).start()
+    # The fuzzer sends hundreds of requests per device credential: rate limits have their own
+    # test.
+    server = Server.sqlite(root, "--max-body-bytes", "200000", "--device-rate", "100000").start()
     try:
         scenes = [_scene(server, stage) for stage in STAGES]
         for scene in scenes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import uuid
@@ -16,32 +15,21 @@ from _fixtures import (
     LAYOUT,
     RAW_TEXT,
     Server,
+    b64,
+    enrol,
     initial_model,
+    join_secure,
     local_update,
+    masked_input,
     new_app,
     open_round,
     round_stage,
+    share_keys,
 )
 
 from edgeperso.federation import FederationClient, FederationConfig, MemoryStateStore, RoundTask
-from edgeperso.federation._protocol import SecAggClient
 from edgeperso.federation._secagg import encode_fixed_point
-from edgeperso.federation._update import build_contribution
 from edgeperso.federation._wire import decode_tensors, encode_tensors
-
-
-def _device(server: Server, app: str, key: str) -> httpx.Client:
-    credential = httpx.post(
-        f"{server.url}/v1/devices", json={"app_id": app, "enrolment_key": key}
-    ).json()
-    token = f"{credential['device_id']}.{credential['token']}"
-    return httpx.Client(
-        base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
-    )
-
-
-def _b64(b: bytes) -> str:
-    return base64.b64encode(b).decode()
 
 
 def test_requests_without_a_valid_credential_are_refused(server: Server) -> None:
@@ -54,7 +42,7 @@ def test_requests_without_a_valid_credential_are_refused(server: Server) -> None
     )
     wrong = httpx.post(f"{server.url}/v1/devices", json={"app_id": app, "enrolment_key": key + "x"})
     assert wrong.status_code == 401
-    with _device(server, app, key) as device:
+    with enrol(server, app, key)[0] as device:
         assert device.post("/v1/admin/apps", json={"app_id": "evil"}).status_code == 403
 
 
@@ -64,46 +52,22 @@ def test_a_secure_round_rejects_malformed_late_replayed_and_foreign_uploads_and_
     app, other = f"app-{uuid.uuid4().hex[:8]}", f"app-{uuid.uuid4().hex[:8]}"
     key, other_key = new_app(server, app), new_app(server, other)
     rid = open_round(server, app, cohort_size=3, min_survivors=3, stage_timeout_s=30)
-    devices = [_device(server, app, key) for _ in range(3)]
-    outsider = _device(server, other, other_key)
+    devices = [enrol(server, app, key)[0] for _ in range(3)]
+    outsider, _ = enrol(server, other, other_key)
     task = RoundTask.from_json(devices[0].get("/v1/task").json(), initial_model())
     base = f"/v1/rounds/{rid}"
     assert outsider.get(base).status_code == 404  # another app's round does not exist for it
     assert devices[0].post("/v1/rounds/nope/join", json={}).status_code == 404
-    clients = [SecAggClient.start(rid) for _ in devices]
-    for d, c in zip(devices, clients):
-        assert (
-            d.post(f"{base}/join", json={"c_pk": _b64(c.c_pk), "s_pk": _b64(c.s_pk)}).status_code
-            == 200
-        )
+    clients = [join_secure(d, rid) for d in devices]
     # Joining again with other keys is a replay.
-    assert (
-        devices[0]
-        .post(f"{base}/join", json={"c_pk": _b64(b"1" * 32), "s_pk": _b64(b"2" * 32)})
-        .status_code
-        == 409
-    )
+    replay = {"c_pk": b64(b"1" * 32), "s_pk": b64(b"2" * 32)}
+    assert devices[0].post(f"{base}/join", json=replay).status_code == 409
     for d, c in zip(devices, clients):
-        nb = d.get(f"{base}/neighbours").json()
-        peers = {
-            p["index"]: (base64.b64decode(p["c_pk"]), base64.b64decode(p["s_pk"]))
-            for p in nb["neighbours"]
-        }
-        sealed = c.share_keys(nb["index"], peers, nb["threshold"])
-        body = {"shares": [{"to": v, "sealed": _b64(s)} for v, s in sealed.items()]}
-        assert d.post(f"{base}/shares", json=body).status_code == 204
+        share_keys(d, c)
     vectors = []
     for seed, (d, c) in enumerate(zip(devices, clients)):
-        update = local_update(task, seed)
-        vector, _ = build_contribution(
-            task, update["before"], update["after"], update["summary"], update["num_examples"]
-        )
+        vector, masked = masked_input(d, c, task, seed)
         vectors.append(vector)
-        inbox = {
-            s["from"]: base64.b64decode(s["sealed"])
-            for s in d.get(f"{base}/inbox").json()["shares"]
-        }
-        masked = c.masked_input(encode_fixed_point(vector, task.fixed_point_scale), inbox)
         octet = {"Content-Type": "application/octet-stream"}
         bad = [
             encode_tensors({"masked": masked.astype(np.float32)}),  # wrong dtype
@@ -127,7 +91,7 @@ def test_a_secure_round_rejects_malformed_late_replayed_and_foreign_uploads_and_
         assert outsider.put(f"{base}/masked", content=good, headers=octet).status_code == 404
     for d, c in zip(devices, clients):
         survivors = d.get(f"{base}/survivors").json()["survivors"]
-        shares = [{"of": o, "kind": k, "share": _b64(s)} for o, k, s in c.reveal(survivors)]
+        shares = [{"of": o, "kind": k, "share": b64(s)} for o, k, s in c.reveal(survivors)]
         assert d.post(f"{base}/reveal", json={"shares": shares}).status_code == 204
     assert round_stage(server, app, rid)["stage"] == "published"
     late = devices[0].put(
@@ -166,9 +130,9 @@ def test_plain_rounds_reject_nan_and_updates_outside_one_persona_block(server: S
     app = f"app-{uuid.uuid4().hex[:8]}"
     key = new_app(server, app)
     rid = open_round(server, app, cohort_size=2, min_survivors=2, secure=False, join_timeout_s=60)
-    device = _device(server, app, key)
+    device, _ = enrol(server, app, key)
     assert device.post(f"/v1/rounds/{rid}/join", json={}).status_code == 200
-    assert _device(server, app, key).post(f"/v1/rounds/{rid}/join", json={}).status_code == 200
+    assert enrol(server, app, key)[0].post(f"/v1/rounds/{rid}/join", json={}).status_code == 200
     octet = {"Content-Type": "application/octet-stream"}
     nan = np.zeros(LAYOUT.length, np.float32)
     nan[0] = np.nan

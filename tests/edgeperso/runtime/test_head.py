@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeperso.runtime._head import fit_logistic, fit_ridge
+from edgeperso.runtime._head import fit_logistic, fit_ridge, knn_mix, unit_rows
 
 
 def test_logistic_regression_separates_separable_classes_with_unscaled_features() -> None:
@@ -49,3 +49,31 @@ def test_ridge_with_an_offset_fits_the_residual() -> None:
     w, b = fit_ridge(x, y, 1e-6, offset=offset)
     np.testing.assert_allclose(w[:, 0], [0.0, 0.5, 0.0], atol=1e-3)
     np.testing.assert_allclose(b, [-1.0], atol=1e-3)
+
+
+def test_a_near_constant_feature_gets_no_weight() -> None:
+    # One int8 MiniLM feature varies by ~5e-10: standardising by that std must not give it a
+    # huge weight (it would dominate the delta's norm that federated clipping scales down).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4))  # float64, so that the tiny variation is really there
+    x[:, 2] = 0.25 + 5e-10 * rng.normal(size=60)
+    labels = (x[:, 0] > 0).astype(np.int64)
+
+    w, _ = fit_logistic(x, labels, 2, l2=0.1, steps=200, class_weighting=True)
+    w_ridge, _ = fit_ridge(x, x[:, 0], 0.1)
+
+    assert np.all(w[2] == 0) and w_ridge[2, 0] == 0
+    assert np.abs(w).max() < 10 and np.abs(w[0]).max() > 0.1
+
+
+def test_knn_mix_is_the_stated_mixture() -> None:
+    logits = np.array([[2.0, 0.0], [0.0, 1.0]])
+    keys = unit_rows(np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]))
+    labels = np.array([1, 1, 0])
+    queries = np.array([[1.0, 0.05], [0.1, 1.0]])
+
+    mixed = np.exp(knn_mix(logits, queries, keys, labels, k=2, weight=0.4))
+
+    shared = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    votes = np.array([[0.0, 1.0], [0.5, 0.5]])  # nearest two: both 1s; then one 0, one 1
+    np.testing.assert_allclose(mixed, 0.6 * shared + 0.4 * votes, atol=1e-9)

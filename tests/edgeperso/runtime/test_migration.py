@@ -105,3 +105,19 @@ def test_a_correction_must_name_an_example_and_a_known_label(classifier: Persona
     with pytest.raises(InvalidInputError, match="labels"):
         classifier.add_feedback("alice", [Feedback("correction", value="zzz", example_id=1)])
     assert "alice" not in classifier.store.users()
+
+
+def test_a_retrieval_adapter_moves_with_its_memory(
+    classifier: Personalizer, tiny_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    classifier.add_examples("alice", topic_examples(12, pets="b", markets="a"))
+    config = TrainConfig(head_l2=(1e9,), knn_k=(1,), knn_weight=(0.9,))
+    assert classifier.train("alice", config).stage == "knn"
+    package = classifier.export_adapter("alice", RawKey(b"k" * 32))
+
+    with Store.open(tmp_path / "other.db", RawKey(os.urandom(32))) as other_store:
+        other = Personalizer.open(tiny_bundles["classification"], other_store)
+        other.import_adapter("alice", package, RawKey(b"k" * 32))
+        np.testing.assert_allclose(
+            other.score("alice", PROBES), classifier.score("alice", PROBES), rtol=0, atol=1e-6
+        )

@@ -330,3 +330,44 @@ def test_a_user_who_agrees_with_the_shared_model_keeps_it(
     assert result.kept == "global" and result.stage == "global"
     assert result.global_score == 1.0 and result.head_l2 is None
     assert not classifier.predict("alice", texts)[0].personalized
+
+
+# A head so strongly pulled toward the shared one that it cannot win: retrieval must.
+RETRIEVAL_ONLY = TrainConfig(head_l2=(1e9,), knn_k=(1,), knn_weight=(0.9,))
+
+
+def test_the_retrieval_mix_personalizes_from_the_users_own_examples(
+    classifier: Personalizer, store: Store
+) -> None:
+    classifier.add_examples("alice", topic_examples(12, pets="b", markets="a"))
+
+    result = classifier.train("alice", RETRIEVAL_ONLY)
+
+    assert result.kept == "personal" and result.stage == "knn", result.reason
+    assert result.knn == (1, 0.9) and result.head_l2 is None
+    assert_consistent(result, classifier, store, "alice", adapter=False)
+    # Near-duplicates of her examples take her label, with at least the retrieval's weight.
+    probs = classifier.score("alice", [f"{PETS[0]} 0", f"{MARKETS[0]} 0"])
+    assert probs[0, 1] >= 0.9 and probs[1, 0] >= 0.9
+    stored = from_bytes(store.get_blob("alice", ADAPTER) or b"")
+    assert stored["knn.keys"].shape == (24, classifier.manifest.hidden_size)
+    np.testing.assert_allclose(np.linalg.norm(stored["knn.keys"], axis=1), 1.0, atol=1e-5)
+
+
+def test_retrieval_can_be_turned_off(classifier: Personalizer, store: Store) -> None:
+    classifier.add_examples("alice", topic_examples(12, pets="b", markets="a"))
+    config = dataclasses.replace(RETRIEVAL_ONLY, knn_k=())
+
+    result = classifier.train("alice", config)
+
+    assert result.kept == "global" and result.knn is None, result.reason
+    assert "adapter" not in store.blobs("alice")
+
+
+def test_retrieval_is_not_offered_for_regression(regressor: Personalizer) -> None:
+    examples = [dataclasses.replace(ex, label=-float(ex.label)) for ex in scored_examples(12)]
+    regressor.add_examples("alice", examples)
+
+    result = regressor.train("alice", RETRIEVAL_ONLY)
+
+    assert result.stage != "knn" and result.knn is None
