@@ -23,6 +23,7 @@ import numpy as np
 from edgeperso import Example, Personalizer, RawKey, Store, TrainConfig
 from edgeperso.evaluate._report import machine_info
 from edgeperso.runtime import _params
+from edgeperso.runtime._head import unit_rows
 from edgeperso.runtime._personalizer import ADAPTER
 
 OUT = Path(__file__).parent / "out" / "runtime.json"
@@ -98,10 +99,22 @@ def main() -> None:
                     lora[name] = rng.normal(0, 0.02, value.shape).astype(np.float32)
             store.put_blob("lora-user", ADAPTER, _params.to_bytes(lora))
             model.add_examples("lora-user", examples(50, rng))
+            # A retrieval adapter over 300 examples (their features, labels, k=15).
+            memory = unit_rows(rng.normal(size=(300, model.manifest.hidden_size)))
+            labels = rng.integers(0, len(LABELS), 300)
+            knn = _params.fresh_user_params(model.manifest, rng)
+            knn = {k: np.zeros_like(v) for k, v in knn.items()}
+            knn |= _params.knn_memory(memory, labels, 15, 0.6)
+            store.put_blob("knn-user", ADAPTER, _params.to_bytes(knn))
+            model.add_examples("knn-user", examples(50, rng))
             head_user = next(
                 (r["user"] for r in _trained_users(train, model) if r["stage"] == "head"), None
             )
-            users = {"base (no adapter)": "nobody", "LoRA adapter + history": "lora-user"}
+            users = {
+                "base (no adapter)": "nobody",
+                "LoRA adapter + history": "lora-user",
+                "retrieval adapter (300 examples, k=15)": "knn-user",
+            }
             if head_user is not None:
                 users["head adapter"] = head_user
             ms = latency(model, users, args.reps)
