@@ -8,7 +8,9 @@ import json
 import logging
 import math
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,20 @@ class _AdapterRun:
     score: float = math.nan
 
 
+@dataclasses.dataclass(frozen=True)
+class _Served:
+    """A user's decrypted serving state, kept in memory between calls (never written out)
+    while `token` (Store.user_version) says nothing of the user's changed."""
+
+    token: bytes | None
+    feeds: Params  # the inference graph's parameter and history inputs for this user
+    knn: tuple[np.ndarray, np.ndarray, int, float] | None
+    personal: bool
+
+
+_SERVED_USERS = 8  # users whose serving state stays decrypted in memory (least recent out)
+
+
 class Personalizer:
     """Personalized inference and on-device training for every user of an app.
 
@@ -117,6 +133,8 @@ class Personalizer:
             bundle.path_of(self.manifest.tokenizer), self.manifest.max_length
         )
         self._shared = _params.shared_params(self.manifest, bundle.initial_params())
+        self._served: OrderedDict[str, _Served] = OrderedDict()
+        self._served_lock = threading.Lock()
         installed = store.get_blob(SHARED_USER, "shared") if SHARED_USER in store.users() else None
         if installed is not None:
             self._shared.update(_params.from_bytes(installed))
@@ -171,6 +189,8 @@ class Personalizer:
 
     def forget(self, user: str) -> bool:
         """Crypto-shred everything about `user`: examples, embeddings, adapter, checkpoints."""
+        with self._served_lock:
+            self._served.pop(user, None)
         return self.store.forget_user(user)
 
     # -- moving a user between devices --------------------------------------------------------
@@ -302,6 +322,8 @@ class Personalizer:
         updated = self._shared | {k: np.array(v, np.float32) for k, v in params.items()}
         self.store.put_blob(SHARED_USER, "shared", _params.to_bytes(updated), keep=2)
         self._shared = updated
+        with self._served_lock:
+            self._served.clear()  # every user's feeds hold the shared parameters
 
     def shared_update(self, user: str, names: Sequence[str], *, l2: float = 1.0) -> SharedUpdate:
         """This device's contribution to a federated round over the shared parameters `names`
@@ -762,17 +784,37 @@ class Personalizer:
     def _run_user(
         self, user: str, texts: Sequence[str], output: str
     ) -> tuple[np.ndarray, Encoded, bool]:
+        served = self._serving(user)
+        if served.knn is None or output != "output":
+            outs, enc = self._run(texts, [output], served.feeds)
+            return outs[0], enc, served.personal
+        (out, features), enc = self._run(texts, ["output", "features"], served.feeds)
+        return knn_mix(out, features, *served.knn).astype(np.float32), enc, True
+
+    def _serving(self, user: str) -> _Served:
+        """The user's adapter and history as inference feeds: decrypted from the store once,
+        then kept in memory until the store says the user's data changed (in any process)."""
+        token = self.store.user_version(user)
+        with self._served_lock:
+            served = self._served.get(user)
+            if served is not None and served.token == token:
+                self._served.move_to_end(user)
+                return served
         blob = self.store.get_blob(user, ADAPTER)
         user_params = _params.from_bytes(blob) if blob is not None else self._zero_user()
         user_params, knn = _params.split_knn(user_params, self.manifest)
         feeds = _params.infer_feeds(self.manifest, self._shared | user_params)
         history, mask = self._history(user)
         feeds |= {"history": history, "history_mask": mask}
-        if knn is None or output != "output":
-            outs, enc = self._run(texts, [output], feeds)
-            return outs[0], enc, blob is not None
-        (out, features), enc = self._run(texts, ["output", "features"], feeds)
-        return knn_mix(out, features, *knn).astype(np.float32), enc, True
+        # A write between the token and these reads leaves a stale token: the next call
+        # sees a newer one and reads again, so the cache never serves older data than this.
+        served = _Served(token, feeds, knn, blob is not None)
+        with self._served_lock:
+            self._served[user] = served
+            self._served.move_to_end(user)
+            while len(self._served) > _SERVED_USERS:
+                self._served.popitem(last=False)
+        return served
 
     def _run(
         self, texts: Sequence[str], outputs: list[str], feeds: Mapping[str, np.ndarray]

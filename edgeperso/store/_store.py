@@ -11,6 +11,7 @@ detects a replaced manifest or (with the rollback counter) an older copy of the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -605,6 +606,24 @@ class Store:
         with self._txn(write=False) as txn:
             txn.verify_users()
             return sorted(user.name for user in txn.all_users())
+
+    def user_version(self, user: str) -> bytes | None:
+        """A token that changes whenever anything of `user`'s is written, by this process or
+        another (a digest of the user's sealed manifest, which every write reseals with a
+        fresh nonce); None when the user has no data. It is for caches of decrypted data:
+        it is read without verification, so a changed token only means "read again", and
+        that read verifies as always."""
+        user = check_user(user)
+        with self._mutex:
+            if self._closed:
+                raise InvalidInputError("the store is closed")
+            try:
+                row = self._conn.execute(
+                    "SELECT manifest FROM users WHERE uid = ?", (self._pseudonym(user),)
+                ).fetchone()
+            except _DB_ERRORS as exc:
+                raise _sqlite_error(exc) from exc
+        return None if row is None else hashlib.sha256(_blob(row[0])).digest()
 
     def forget_user(self, user: str) -> bool:
         """Crypto-shred a user: delete their wrapped data key and every row, then checkpoint

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from edgeperso import Bundle
 from edgeperso.runtime import Personalizer, TrainConfig
-from edgeperso.store import Store
+from edgeperso.store import RawKey, Store
 from tests.edgeperso.runtime.conftest import MARKETS, PETS, topic_examples
 
 TEXTS = [*PETS, *MARKETS, "something else entirely"]
@@ -97,3 +97,35 @@ def test_forgetting_a_user_returns_them_to_the_shared_model(
     assert "alice" not in store.users()
     assert not any(p.personalized for p in classifier.predict("alice", TEXTS))
     np.testing.assert_array_equal(classifier.score("alice", TEXTS), shared)
+
+
+# The head stage alone, with retrieval off: quick, and it wins on swapped labels.
+HEAD = TrainConfig(knn_k=())
+
+
+def test_a_user_trained_in_another_process_is_served_the_new_adapter(
+    tiny_bundles: dict[str, Path], store: Store, key: RawKey
+) -> None:
+    # The app serves alice (her state is now decrypted in its memory) while a second handle
+    # on the same file, as a background trainer process would hold, trains her.
+    app = Personalizer.open(tiny_bundles["classification"], store)
+    app.add_examples("alice", topic_examples(12, pets="b", markets="a"))
+    assert not app.predict("alice", [PETS[0]])[0].personalized
+    with Store.open(store.path, key) as other:
+        trainer = Personalizer.open(tiny_bundles["classification"], other)
+        assert trainer.train("alice", HEAD).kept == "personal"
+        expected = trainer.score("alice", TEXTS)
+
+    assert app.predict("alice", [PETS[0]])[0].personalized
+    np.testing.assert_allclose(app.score("alice", TEXTS), expected, atol=1e-6)
+
+
+def test_forget_drops_the_users_decrypted_state(classifier: Personalizer) -> None:
+    classifier.add_examples("alice", topic_examples(12, pets="b", markets="a"))
+    assert classifier.train("alice", HEAD).kept == "personal"
+    assert classifier.predict("alice", [PETS[0]])[0].personalized
+
+    classifier.forget("alice")
+
+    assert "alice" not in classifier._served  # her adapter is no longer in memory either
+    assert not classifier.predict("alice", [PETS[0]])[0].personalized

@@ -207,3 +207,16 @@ def test_any_embeddings_blobs_and_state_round_trip(
     assert store.get_blob("p", "b", version) == blob
     store.set_state("p", "k", value)  # type: ignore[arg-type]
     assert store.get_state("p", "k") == value
+
+
+def test_user_version_changes_with_every_write_of_that_user_only(store: Store) -> None:
+    assert store.user_version("alice") is None
+    store.add_examples("alice", [Example("one")])
+    first = store.user_version("alice")
+    assert first is not None and store.user_version("alice") == first  # reads change nothing
+    store.add_examples("bob", [Example("two")])
+    assert store.user_version("alice") == first
+    store.put_blob("alice", "adapter", b"x")
+    assert store.user_version("alice") not in (None, first)
+    store.forget_user("alice")
+    assert store.user_version("alice") is None
