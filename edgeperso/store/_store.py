@@ -518,12 +518,18 @@ class Store:
         return store
 
     def _check_rollback(self) -> None:
+        # The recorded counter first, the database's second: writers commit before they
+        # advance the record, so every value recorded by then is already committed. Read the
+        # other way round, another process's commit and record between the two reads would
+        # look like an older file.
+        recorded = None
+        if self._counter is not None:
+            recorded = self._counter.read(self._counter_key, self._store_id)
         with self._txn(write=False) as txn:
             txn.verify_users()
             counter = txn.counter
         if self._counter is None:
             return
-        recorded = self._counter.read(self._counter_key, self._store_id)
         if recorded is not None and recorded > counter:
             raise _rollback_older(counter, recorded)
         self._counter.advance(self._counter_key, self._store_id, counter)

@@ -54,6 +54,28 @@ def test_concurrent_writers_lose_nothing(store_path: Path, key: RawKey) -> None:
         store.integrity_check()
 
 
+def test_opening_while_other_processes_write_is_never_taken_for_a_rollback(
+    store_path: Path, key: RawKey
+) -> None:
+    # Opening compares the store's write counter with the rollback record, which writers
+    # advance just after they commit: read in the wrong order, a commit landing between the
+    # two reads looked like an older copy of the file (RollbackError) on a live store.
+    Store.open(store_path, key).close()
+    code = f"""
+        with Store.open({str(store_path)!r}, KEY, StoreConfig(busy_timeout_s=30)) as s:
+            for i in range(150):
+                s.add_examples("alice", [Example(str(i))])
+        """
+    writers = [_spawn(code) for _ in range(2)]
+    opened = 0
+    while any(w.poll() is None for w in writers) or opened < 20:
+        Store.open(store_path, key, StoreConfig(busy_timeout_s=30)).close()
+        opened += 1
+    assert [w.wait(timeout=60) for w in writers] == [0, 0]
+    with Store.open(store_path, key) as store:
+        assert len(store.examples("alice")) == 300
+
+
 def test_a_held_write_transaction_is_a_locked_error(store_path: Path, key: RawKey) -> None:
     with Store.open(store_path, key) as store:
         store.add_examples("alice", [Example("before")])
