@@ -71,6 +71,17 @@ def _parser() -> argparse.ArgumentParser:
         help="an .npz file keeping the global head's base features between runs on the same "
         "data and bundle (it holds embeddings of the data set's texts: evaluation data only)",
     )
+    ev.add_argument(
+        "--global-l2",
+        default="0.001,0.01,0.1,0.3,1",
+        help="L2 strengths for the global head, chosen by cross-validation over users",
+    )
+    ev.add_argument(
+        "--global-class-weighting",
+        choices=("cv", "on", "off"),
+        default="cv",
+        help="inverse-frequency class weights for the global head: chosen by CV, or fixed",
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-plots", action="store_true", help="write the JSON only")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
@@ -86,6 +97,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         ks = tuple(int(k) for k in args.cold_start.replace(" ", "").split(",") if k)
     except ValueError:
         raise InvalidInputError("--cold-start takes integers, e.g. 10,25,50") from None
+    try:
+        l2 = tuple(float(v) for v in args.global_l2.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise InvalidInputError("--global-l2 takes numbers, e.g. 0.01,0.1,1") from None
+    weighting = {"cv": (True, False), "on": (True,), "off": (False,)}
     config = EvalConfig(
         user_column=args.user_column,
         text_column=args.text_column,
@@ -104,6 +120,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             adapter=args.adapter,
             seed=args.seed,
         ),
+        head_l2=l2,
+        head_class_weighting=weighting[args.global_class_weighting],
         seed=args.seed,
         feature_cache=str(args.feature_cache) if args.feature_cache else None,
     )

@@ -76,9 +76,12 @@ class LabelMap:
 class EvalConfig:
     """One evaluation: which columns to read, how to split each user's rows, how to train.
 
-    The global head is a multinomial logistic regression (L2, `head_steps` accelerated
-    gradient steps) on base-model features of every user's training rows; each evaluated
-    user is then personalized on device with `train`. `cold_start` lists the k (training
+    The global head is a multinomial logistic regression (`head_steps` accelerated gradient
+    steps; ridge regression for scores) on base-model features of every user's training
+    rows. Its L2 strength and class weighting are picked from `head_l2` x
+    `head_class_weighting` by `head_folds`-fold cross-validation over training users (a
+    single value skips the choice). Each evaluated user is then personalized on device with
+    `train`. `cold_start` lists the k (training
     rows per user) at which the personalization is repeated for the cold-start curve.
     """
 
@@ -93,9 +96,10 @@ class EvalConfig:
     max_users: int | None = None  # evaluate only the first N users (sorted by id)
     cold_start: tuple[int, ...] = (10, 25, 50)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    head_l2: float = 1e-3
+    head_l2: tuple[float, ...] = (1e-3, 1e-2, 0.1, 0.3, 1.0)  # one value: no choice
+    head_class_weighting: tuple[bool, ...] = (True, False)  # inverse-frequency weights or none
     head_steps: int = 500
-    head_class_weighting: bool = True  # inverse-frequency weights, as the device trainer
+    head_folds: int = 5
     bootstrap: int = 2000
     seed: int = 0
     # Base features of the data set's texts, kept between runs on the same data and bundle.
@@ -114,8 +118,13 @@ class EvalConfig:
         if not isinstance(self.train, TrainConfig):
             raise InvalidInputError("EvalConfig.train must be a TrainConfig")
         _number(self.test_fraction, "test_fraction", low=0.0, high=1.0)
-        _number(self.head_l2, "head_l2", low=0.0, inclusive=True)
-        for name, low in (("min_user_rows", 4), ("head_steps", 1), ("bootstrap", 1)):
+        self._normalize_head_grid()
+        for name, low in (
+            ("min_user_rows", 4),
+            ("head_steps", 1),
+            ("head_folds", 2),
+            ("bootstrap", 1),
+        ):
             _int(getattr(self, name), name, low)
         _int(self.seed, "seed", 0)
         if self.feature_cache is not None and not isinstance(self.feature_cache, str):
@@ -125,6 +134,22 @@ class EvalConfig:
         object.__setattr__(self, "cold_start", tuple(sorted(set(self.cold_start))))
         for k in self.cold_start:
             _int(k, "cold_start entries", 4)
+
+    def _normalize_head_grid(self) -> None:
+        """One value or a non-empty sequence of them, stored as a tuple without repeats."""
+        l2 = self.head_l2 if isinstance(self.head_l2, list | tuple) else (self.head_l2,)
+        if not l2:
+            raise InvalidInputError("EvalConfig.head_l2 needs at least one value")
+        for value in l2:
+            _number(value, "head_l2", low=0.0, inclusive=True)
+        weighting = self.head_class_weighting
+        weighting = weighting if isinstance(weighting, list | tuple) else (weighting,)
+        if not weighting or not all(isinstance(v, bool) for v in weighting):
+            raise InvalidInputError(
+                "EvalConfig.head_class_weighting must be a bool or a non-empty tuple of bools"
+            )
+        object.__setattr__(self, "head_l2", tuple(dict.fromkeys(float(v) for v in l2)))
+        object.__setattr__(self, "head_class_weighting", tuple(dict.fromkeys(weighting)))
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

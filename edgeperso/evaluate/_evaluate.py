@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,9 +21,9 @@ from edgeperso.bundle import Bundle
 from edgeperso.evaluate import _metrics
 from edgeperso.evaluate._config import EvalConfig
 from edgeperso.evaluate._data import Record, UserSplit, read_table, split_users, to_records
+from edgeperso.evaluate._global import fit_global_head
 from edgeperso.evaluate._report import ColdStartPoint, EvalReport, UserResult, machine_info
 from edgeperso.runtime import Personalizer
-from edgeperso.runtime._head import fit_logistic, fit_ridge
 from edgeperso.store import Example, RawKey, Store
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class _Run:
         self.labels = tuple(model.manifest.labels)
         self.global_predictions: dict[str, list[str | float]] = {}  # by user: test rows
 
-    def fit_global(self, splits: Mapping[str, UserSplit]) -> dict[str, float | int]:
+    def fit_global(self, splits: Mapping[str, UserSplit]) -> dict[str, Any]:
         """Fit the global head on base features of every user's training rows; install it."""
         rows = [r for split in splits.values() for r in split.train]
         texts = sorted({r.text for r in rows})
@@ -171,19 +172,24 @@ class _Run:
         x = features[[index[r.text] for r in rows]]  # [n, hidden]
         start = time.perf_counter()
         if self.task == "classification":
-            y = np.array([self.labels.index(str(r.label)) for r in rows], np.int64)
-            w, b = fit_logistic(
-                x,
-                y,
-                len(self.labels),
-                l2=self.config.head_l2,
-                steps=self.config.head_steps,
-                class_weighting=self.config.head_class_weighting,
-            )
-            fit = float(np.mean((x @ w + b).argmax(1) == y))
+            target = np.array([self.labels.index(str(r.label)) for r in rows], np.int64)
         else:
             target = np.array([float(r.label) for r in rows], np.float64)
-            w, b = fit_ridge(x, target, self.config.head_l2)
+        head = fit_global_head(
+            x,
+            target,
+            np.array([r.user for r in rows]),
+            n_classes=len(self.labels) if self.task == "classification" else None,
+            l2_grid=self.config.head_l2,
+            weighting_grid=self.config.head_class_weighting,
+            steps=self.config.head_steps,
+            folds=self.config.head_folds,
+            seed=self.config.seed,
+        )
+        w, b = head.weights, head.bias
+        if self.task == "classification":
+            fit = float(np.mean((x @ w + b).argmax(1) == target))
+        else:
             fit = float(np.mean(np.abs(x @ w[:, 0] + b[0] - target)))
         full = np.zeros(self.model.manifest.param("global.head.w").shape, np.float32)
         full[: w.shape[0]] = w  # rows for the user embedding stay 0: no user, no history
@@ -193,6 +199,9 @@ class _Run:
             "train_rows": len(rows),
             "distinct_texts": len(texts),
             "train_fit": fit,  # accuracy (classification) or MAE (regression) on its rows
+            "l2": head.l2,
+            "class_weighting": head.class_weighting,
+            "selection": head.selection,
             "feature_seconds": feature_s,
             "fit_seconds": time.perf_counter() - start,
         }

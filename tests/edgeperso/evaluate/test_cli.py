@@ -18,11 +18,15 @@ def test_evaluate_writes_the_json_report_and_the_plots(
     noyes_bundle: Path, annotations_csv: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    assert (
-        main(["evaluate", str(annotations_csv), str(noyes_bundle), "--out", str(out), *FAST]) == 0
-    )
+    head = ["--global-l2", "0.5, 2", "--global-class-weighting", "off"]
+    args = ["evaluate", str(annotations_csv), str(noyes_bundle), "--out", str(out), *head]
+    assert main([*args, *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["evaluated_users"] == 2
+    assert report["config"]["head_l2"] == [0.5, 2.0]
+    assert report["config"]["head_class_weighting"] == [False]
+    assert report["global_head"]["l2"] in (0.5, 2.0)
+    assert report["global_head"]["class_weighting"] is False
     assert report["config"]["cold_start"] == []
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "per_user.png").stat().st_size > 0
@@ -44,6 +48,8 @@ def test_a_numeric_column_is_binarised_with_label_map(
         (["--label-map", "x>>0"], "neither a comparison"),
         (["--time-column", "when"], "column(s) ['when'] not found"),
         (["--cold-start", "ten"], "--cold-start takes integers"),
+        (["--global-l2", "0.1,big"], "--global-l2 takes numbers"),
+        (["--global-l2", "-1"], "EvalConfig.head_l2 is out of range"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -85,8 +86,15 @@ def test_global_scores_are_those_of_the_fitted_head_on_each_users_latest_rows(
         features = model.embed("nobody", texts)
         x = features[[texts.index(r["text"]) for r in train]]
         y = np.array([int(float(r["score"]) > 0) for r in train])
+        chosen = report.global_head
+        assert chosen["l2"] in CONFIG.head_l2 and len(chosen["selection"]["candidates"]) == 10
         w, b = fit_logistic(
-            x, y, 2, l2=CONFIG.head_l2, steps=CONFIG.head_steps, class_weighting=True
+            x,
+            y,
+            2,
+            l2=chosen["l2"],
+            steps=CONFIG.head_steps,
+            class_weighting=chosen["class_weighting"],
         )
         head = np.zeros(model.manifest.param("global.head.w").shape, np.float32)
         head[: w.shape[0]] = w
@@ -101,6 +109,22 @@ def test_global_scores_are_those_of_the_fitted_head_on_each_users_latest_rows(
             assert predicted == [("no", "yes")[i] for i in numpy_labels]
             truth = ["yes" if float(r["score"]) > 0 else "no" for r in test]
             assert result.global_metrics["macro_f1"] == pytest.approx(macro_f1(truth, predicted))
+
+
+def test_the_global_heads_choice_never_sees_a_test_row(noyes_bundle: Path) -> None:
+    """Every user's test rows (the latest 30%) relabelled: the cross-validated choice and
+    the fitted head are the same, since only training rows take part."""
+    config = dataclasses.replace(CONFIG, cold_start=(), train=TrainConfig(), max_users=1)
+    rows = annotation_rows()
+    flipped = [dict(r) for r in rows]
+    for user in {r["user"] for r in rows}:
+        own = [r for r in flipped if r["user"] == user]
+        for r in own[len(own) * 7 // 10 :]:
+            r["score"] = str(-float(r["score"]))
+    one, other = evaluate(rows, noyes_bundle, config), evaluate(flipped, noyes_bundle, config)
+    assert one.global_head["selection"] == other.global_head["selection"]
+    assert one.global_head["train_fit"] == other.global_head["train_fit"]
+    assert one.users[0].global_metrics != other.users[0].global_metrics  # the test rows did change
 
 
 def test_raw_numeric_labels_without_a_label_map_are_refused(noyes_bundle: Path) -> None:
