@@ -1,13 +1,17 @@
 """The `edgeperso` command: a thin skin over the public API.
 
 edgeperso evaluate annotations.csv bundle/ --label-column anger --label-map "x>0"
+edgeperso train profile.db bundle/ alice --passphrase-env EDGEPERSO_PASSPHRASE
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -86,7 +90,116 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-plots", action="store_true", help="write the JSON only")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     ev.set_defaults(run=_evaluate)
+    _add_train(commands)
     return parser
+
+
+def _add_train(commands: Any) -> None:
+    tr = commands.add_parser(
+        "train",
+        help="train one user of an existing encrypted store on their stored examples",
+        description="Open an existing store, train USER on their stored examples with the "
+        "bundle's runtime (the same call an app makes), and print what was kept. Ctrl-C "
+        "cancels cleanly; a later run resumes from the last checkpoint.",
+    )
+    tr.add_argument("store", type=Path, help="the store's database file (never created here)")
+    tr.add_argument("bundle", type=Path, help="the exported bundle the app serves")
+    tr.add_argument("user", help="the user id the app stores examples under")
+    # Secrets never travel on the command line, where other processes can read them.
+    key = tr.add_mutually_exclusive_group(required=True)
+    key.add_argument("--passphrase-env", metavar="VAR", help="the passphrase is in $VAR")
+    key.add_argument("--key-env", metavar="VAR", help="$VAR holds the raw 32-byte key, hex")
+    key.add_argument(
+        "--keyring", nargs=2, metavar=("SERVICE", "PROFILE"), help="the OS keystore entry"
+    )
+    tr.add_argument(
+        "--counter-keyring",
+        nargs=2,
+        metavar=("SERVICE", "PROFILE"),
+        help="the store's rollback counter is in the OS keystore (default: the sidecar file)",
+    )
+    tr.add_argument("--max-seconds", type=float, default=60.0)
+    tr.add_argument("--max-steps", type=int, default=None)
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--adapter", action="store_true", help="also train the LoRA adapter stage")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(run=_train)
+
+
+def _key_from(args: argparse.Namespace) -> Any:
+    from edgeperso.store import KeyringKey, PassphraseKey, RawKey
+
+    if args.keyring:
+        return KeyringKey(*args.keyring)
+    var = args.passphrase_env or args.key_env
+    secret = os.environ.get(var, "")
+    if not secret:
+        raise InvalidInputError(f"${var} is not set or empty: export the secret there first")
+    if args.passphrase_env:
+        return PassphraseKey(secret)
+    try:
+        return RawKey(bytes.fromhex(secret.strip()))
+    except ValueError:
+        raise InvalidInputError(f"${var} must hold 64 hex digits (a 32-byte key)") from None
+
+
+def _train(args: argparse.Namespace) -> int:
+    from edgeperso.runtime import Personalizer, TrainConfig
+    from edgeperso.store import KeyringCounter, SidecarCounter, Store, StoreConfig
+
+    counter = KeyringCounter(*args.counter_keyring) if args.counter_keyring else SidecarCounter()
+    config = TrainConfig(
+        max_seconds=args.max_seconds,
+        max_steps=args.max_steps,
+        epochs=args.epochs,
+        adapter=args.adapter,
+    )
+    cancelled = False
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        nonlocal cancelled
+        cancelled = True  # train() stops at the next step and saves its checkpoint
+
+    store_config = StoreConfig(create=False, rollback_counter=counter)
+    with Store.open(args.store, _key_from(args), store_config) as store:
+        model = Personalizer.open(args.bundle, store)
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            with _train_progress(args.quiet) as on_progress:
+                result = model.train(
+                    args.user, config, on_progress=on_progress, cancel=lambda: cancelled
+                )
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    print(
+        f"user {args.user}: kept {result.kept} (stage {result.stage}); {result.reason}\n"
+        f"{result.metric} held out: shared {_f(result.global_score)}, "
+        f"personal {_f(result.personal_score)}; {result.examples} examples, "
+        f"{result.steps} steps, {_f(result.seconds, 1)} s, {result.stopped}"
+        + (f"; {result.truncated_texts} texts truncated" if result.truncated_texts else "")
+    )
+    return 0
+
+
+@contextmanager
+def _train_progress(quiet: bool) -> Iterator[Callable[[Any], None] | None]:
+    """A progress bar over the adapter stage's steps (the head stage takes under a second)."""
+    with _progress(quiet) as update:
+        if update is None:
+            yield None
+            return
+
+        def on_step(event: Any) -> None:
+            update(_Event("adapter steps", event.step, event.total_steps))
+
+        yield on_step
+
+
+@dataclasses.dataclass(frozen=True)
+class _Event:
+    stage: str
+    done: int
+    total: int
 
 
 def _evaluate(args: argparse.Namespace) -> int:

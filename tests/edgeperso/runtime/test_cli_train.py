@@ -1,0 +1,98 @@
+"""`edgeperso train`: one user of an existing encrypted store, trained from the command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edgeperso._cli import main
+from edgeperso.runtime import Personalizer
+from edgeperso.store import PassphraseKey, RawKey, Store
+from tests.edgeperso.runtime.conftest import topic_examples
+
+PASSPHRASE = "correct horse battery staple"
+CHEAP = {"memory_kib": 1024, "iterations": 1, "lanes": 1}  # test-only Argon2id cost
+
+
+@pytest.fixture
+def profile(tmp_path: Path, tiny_bundles: dict[str, Path]) -> Path:
+    """A passphrase store where the app has stored alice's examples and nothing else."""
+    path = tmp_path / "profile.db"
+    with Store.open(path, PassphraseKey(PASSPHRASE, **CHEAP)) as store:
+        Personalizer.open(tiny_bundles["classification"], store).add_examples(
+            "alice", topic_examples(12)
+        )
+    return path
+
+
+def run(profile: Path, bundle: Path, *extra: str) -> int:
+    return main(["train", str(profile), str(bundle), "alice", "-q", *extra])
+
+
+def test_train_trains_the_user_and_the_app_then_serves_the_result(
+    profile: Path,
+    tiny_bundles: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("EP_PASS", PASSPHRASE)
+    bundle = tiny_bundles["classification"]
+    assert run(profile, bundle, "--passphrase-env", "EP_PASS", "--max-seconds", "30") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("user alice: kept ") and "24 examples" in out
+    assert out.startswith("user alice: kept personal")  # two topics the tiny model can learn
+    with Store.open(profile, PassphraseKey(PASSPHRASE, **CHEAP)) as store:
+        model = Personalizer.open(bundle, store)
+        # the app serves what the command trained: alice's labels, not the shared model's
+        texts = [e.text for e in topic_examples(3)]
+        assert [p.label for p in model.predict("alice", texts)] == ["a", "b"] * 3
+        assert [p.label for p in model.predict("nobody", texts)] != ["a", "b"] * 3
+
+
+@pytest.mark.parametrize(
+    ("env", "extra", "message"),
+    [
+        ({}, ["--passphrase-env", "EP_PASS"], "$EP_PASS is not set or empty"),
+        ({"EP_PASS": "wrong"}, ["--passphrase-env", "EP_PASS"], "error: "),
+        ({"EP_KEY": "zz"}, ["--key-env", "EP_KEY"], "must hold 64 hex digits"),
+        ({"EP_KEY": os.urandom(32).hex()}, ["--key-env", "EP_KEY"], "error: "),
+    ],
+)
+def test_a_missing_or_wrong_secret_exits_2_and_leaves_the_store_as_it_was(
+    profile: Path,
+    tiny_bundles: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    extra: list[str],
+    message: str,
+) -> None:
+    monkeypatch.delenv("EP_PASS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    before = profile.read_bytes()
+    assert run(profile, tiny_bundles["classification"], *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgeperso train: error: ") and message in err
+    assert profile.read_bytes() == before
+
+
+def test_no_store_at_the_path_is_an_error_and_none_is_created(
+    tmp_path: Path,
+    tiny_bundles: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("EP_KEY", RawKey(os.urandom(32)).key.hex())
+    missing = tmp_path / "nobody.db"
+    assert run(missing, tiny_bundles["classification"], "--key-env", "EP_KEY") == 2
+    assert "no store exists at this path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_secret_on_the_command_line_is_not_an_option(tiny_bundles: dict[str, Path]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "x.db", str(tiny_bundles["classification"]), "alice", "--key", "00"])
+    assert exited.value.code == 2
