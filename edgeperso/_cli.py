@@ -100,7 +100,8 @@ def _add_train(commands: Any) -> None:
         help="train one user of an existing encrypted store on their stored examples",
         description="Open an existing store, train USER on their stored examples with the "
         "bundle's runtime (the same call an app makes), and print what was kept. Ctrl-C "
-        "cancels cleanly; a later run resumes from the last checkpoint.",
+        "stops at the next step and keeps the best parameters found so far; a killed run "
+        "resumes from its last checkpoint.",
     )
     tr.add_argument("store", type=Path, help="the store's database file (never created here)")
     tr.add_argument("bundle", type=Path, help="the exported bundle the app serves")
@@ -144,38 +145,42 @@ def _key_from(args: argparse.Namespace) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from edgeperso.runtime import Personalizer, TrainConfig
-    from edgeperso.store import KeyringCounter, SidecarCounter, Store, StoreConfig
-
-    counter = KeyringCounter(*args.counter_keyring) if args.counter_keyring else SidecarCounter()
-    config = TrainConfig(
-        max_seconds=args.max_seconds,
-        max_steps=args.max_steps,
-        epochs=args.epochs,
-        adapter=args.adapter,
-    )
     cancelled = False
 
     def on_interrupt(signum: int, frame: Any) -> None:
         nonlocal cancelled
-        cancelled = True  # train() stops at the next step and saves its checkpoint
+        cancelled = True  # train() stops at the next step and keeps its best so far
 
-    store_config = StoreConfig(create=False, rollback_counter=counter)
-    with Store.open(args.store, _key_from(args), store_config) as store:
-        model = Personalizer.open(args.bundle, store)
-        previous = signal.signal(signal.SIGINT, on_interrupt)
-        try:
+    # Installed first, so that a Ctrl-C while the store and bundle open cancels too.
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        from edgeperso.runtime import Personalizer, TrainConfig
+        from edgeperso.store import KeyringCounter, SidecarCounter, Store, StoreConfig
+
+        counter = (
+            KeyringCounter(*args.counter_keyring) if args.counter_keyring else SidecarCounter()
+        )
+        config = TrainConfig(
+            max_seconds=args.max_seconds,
+            max_steps=args.max_steps,
+            epochs=args.epochs,
+            adapter=args.adapter,
+        )
+        store_config = StoreConfig(create=False, rollback_counter=counter)
+        with Store.open(args.store, _key_from(args), store_config) as store:
+            model = Personalizer.open(args.bundle, store)
             with _train_progress(args.quiet) as on_progress:
                 result = model.train(
                     args.user, config, on_progress=on_progress, cancel=lambda: cancelled
                 )
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     print(
         f"user {args.user}: kept {result.kept} (stage {result.stage}); {result.reason}\n"
         f"{result.metric} held out: shared {_f(result.global_score)}, "
         f"personal {_f(result.personal_score)}; {result.examples} examples, "
         f"{result.steps} steps, {_f(result.seconds, 1)} s, {result.stopped}"
+        + (f"; resumed from step {result.resumed_from_step}" if result.resumed_from_step else "")
         + (f"; {result.truncated_texts} texts truncated" if result.truncated_texts else "")
     )
     return 0

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +100,36 @@ def test_a_secret_on_the_command_line_is_not_an_option(tiny_bundles: dict[str, P
     with pytest.raises(SystemExit) as exited:
         main(["train", "x.db", str(tiny_bundles["classification"]), "alice", "--key", "00"])
     assert exited.value.code == 2
+
+
+def test_ctrl_c_stops_training_at_the_next_step_and_keeps_the_best_so_far(
+    profile: Path, tiny_bundles: dict[str, Path]
+) -> None:
+    """A real SIGINT to a real process, while the adapter stage has far more steps to go."""
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from edgeperso._cli import main; sys.exit(main())",
+        "train",
+        str(profile),
+        str(tiny_bundles["classification"]),
+        "alice",
+        "--passphrase-env",
+        "EP_PASS",
+        "--adapter",
+        "--epochs",
+        "100000",
+        "--max-seconds",
+        "300",
+        "-q",
+    ]
+    env = {**os.environ, "EP_PASS": PASSPHRASE}
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as proc:
+        time.sleep(8)  # well past start-up: the handler is installed before the store opens
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert time.monotonic() - started < 30
+    assert ", cancelled" in out and "user alice: kept " in out
