@@ -100,8 +100,8 @@ def _add_train(commands: Any) -> None:
         help="train one user of an existing encrypted store on their stored examples",
         description="Open an existing store, train USER on their stored examples with the "
         "bundle's runtime (the same call an app makes), and print what was kept. Ctrl-C "
-        "stops at the next step and keeps the best parameters found so far; a killed run "
-        "resumes from its last checkpoint.",
+        "stops at the next step and keeps the best parameters found so far; the next run "
+        "with the same settings goes on from the checkpoint.",
     )
     tr.add_argument("store", type=Path, help="the store's database file (never created here)")
     tr.add_argument("bundle", type=Path, help="the exported bundle the app serves")

@@ -371,8 +371,10 @@ class Personalizer:
         """Train `user`'s parameters on their stored examples, on this device.
 
         Holds the user's lock (LockedError if another trainer has it); the app can keep
-        predicting meanwhile with the previous adapter. Each epoch is checkpointed
-        (encrypted), so a killed train() resumes where it stopped on the next call.
+        predicting meanwhile with the previous adapter. The adapter stage is checkpointed
+        (encrypted) about ten times per call and when it stops early, so the next call with
+        the same examples and settings (the time budget may differ) goes on where a killed,
+        cancelled or out-of-time call stopped; a completed call removes its checkpoint.
         """
         config = config or TrainConfig()
         if not isinstance(config, TrainConfig):
@@ -442,7 +444,10 @@ class Personalizer:
             if trained is not None:
                 kept, stage = trained, "adapter"
                 global_score, personal_score = adapter.global_score, adapter.score
-        self.store.delete_blob(user, CHECKPOINT)
+        if adapter.stopped not in ("cancelled", "max_seconds"):
+            self.store.delete_blob(user, CHECKPOINT)
+        # else it stays: the next train() with the same settings goes on from it (max_steps
+        # ends the schedule itself, so a run it stopped is complete)
 
         size = 0
         if kept is not None:
@@ -834,8 +839,12 @@ class Personalizer:
         return stacked, Encoded(empty, empty, tuple(truncated))
 
     def _fingerprint(self, data: _Prepared, config: TrainConfig) -> str:
-        """Same examples, labels and settings: a checkpoint made for them may be resumed."""
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+        """Same examples, labels and settings: a checkpoint made for them may be resumed.
+        The time budget is left out: it changes when a run stops, not what it computes, so a
+        run stopped by it goes on under another."""
+        settings = dataclasses.asdict(config)
+        del settings["max_seconds"]
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         for ids in data.ids:
             digest.update(ids.tobytes() + b",")
         digest.update(data.targets.tobytes())

@@ -102,8 +102,11 @@ def test_a_secret_on_the_command_line_is_not_an_option(tiny_bundles: dict[str, P
     assert exited.value.code == 2
 
 
-def test_ctrl_c_stops_training_at_the_next_step_and_keeps_the_best_so_far(
-    profile: Path, tiny_bundles: dict[str, Path]
+def test_ctrl_c_stops_training_at_the_next_step_and_the_next_run_goes_on(
+    profile: Path,
+    tiny_bundles: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A real SIGINT to a real process, while the adapter stage has far more steps to go."""
     command = [
@@ -133,3 +136,7 @@ def test_ctrl_c_stops_training_at_the_next_step_and_keeps_the_best_so_far(
     assert proc.returncode == 0, out
     assert time.monotonic() - started < 30
     assert ", cancelled" in out and "user alice: kept " in out
+    # the next run goes on from the checkpoint, here under a shorter time budget
+    monkeypatch.setenv("EP_PASS", PASSPHRASE)
+    assert main([*command[3:-3], "--max-seconds", "2", "-q"]) == 0
+    assert "max_seconds; resumed from step " in capsys.readouterr().out

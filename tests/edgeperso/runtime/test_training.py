@@ -176,6 +176,30 @@ def test_max_steps_and_cancel_stop_training_early_and_say_why(classifier: Person
     assert (cancelled.stopped, cancelled.steps) == ("cancelled", 2)
 
 
+def test_a_cancelled_train_goes_on_from_its_checkpoint_under_another_time_budget(
+    classifier: Personalizer, store: Store
+) -> None:
+    classifier.add_examples("alice", topic_examples(12))
+    classifier.add_examples("bob", topic_examples(12))
+    config = TrainConfig(adapter=True, epochs=6, max_seconds=None)
+    uninterrupted = classifier.train("bob", config)  # the same data: its step count
+    steps = 0
+
+    def count(progress: TrainProgress) -> None:
+        nonlocal steps
+        steps = progress.step
+
+    cancelled = classifier.train("alice", config, on_progress=count, cancel=lambda: steps >= 5)
+    assert (cancelled.stopped, cancelled.steps) == ("cancelled", 5)
+    assert CHECKPOINT in store.blobs("alice")  # kept for the next call
+    assert (ADAPTER in store.blobs("alice")) == (cancelled.kept == "personal")  # served now
+
+    resumed = classifier.train("alice", dataclasses.replace(config, max_seconds=600.0))
+    assert resumed.resumed_from_step == 5 and resumed.stopped == "completed"
+    assert resumed.steps == uninterrupted.steps
+    assert_consistent(resumed, classifier, store, "alice")  # the checkpoint is gone
+
+
 # -- a second process -------------------------------------------------------------------------
 
 
