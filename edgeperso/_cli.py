@@ -7,7 +7,6 @@ edgeperso train profile.db bundle/ alice --passphrase-env EDGEPERSO_PASSPHRASE
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -169,7 +168,13 @@ def _train(args: argparse.Namespace) -> int:
         store_config = StoreConfig(create=False, rollback_counter=counter)
         with Store.open(args.store, _key_from(args), store_config) as store:
             model = Personalizer.open(args.bundle, store)
-            with _train_progress(args.quiet) as on_progress:
+            # one bar over the adapter stage's steps (the head stage takes under a second)
+            with _progress(args.quiet) as advance:
+                on_progress = (
+                    None
+                    if advance is None
+                    else (lambda p: advance("adapter steps", p.step, p.total_steps))
+                )
                 result = model.train(
                     args.user, config, on_progress=on_progress, cancel=lambda: cancelled
                 )
@@ -184,27 +189,6 @@ def _train(args: argparse.Namespace) -> int:
         + (f"; {result.truncated_texts} texts truncated" if result.truncated_texts else "")
     )
     return 0
-
-
-@contextmanager
-def _train_progress(quiet: bool) -> Iterator[Callable[[Any], None] | None]:
-    """A progress bar over the adapter stage's steps (the head stage takes under a second)."""
-    with _progress(quiet) as update:
-        if update is None:
-            yield None
-            return
-
-        def on_step(event: Any) -> None:
-            update(_Event("adapter steps", event.step, event.total_steps))
-
-        yield on_step
-
-
-@dataclasses.dataclass(frozen=True)
-class _Event:
-    stage: str
-    done: int
-    total: int
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -244,7 +228,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         feature_cache=str(args.feature_cache) if args.feature_cache else None,
     )
     rows = read_table(args.data, texts=args.texts, join_on=args.join_on)
-    with _progress(args.quiet) as on_progress:
+    with _progress(args.quiet) as advance:
+        on_progress = None if advance is None else (lambda e: advance(e.stage, e.done, e.total))
         report = evaluate(rows, args.bundle, config, on_progress=on_progress)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
@@ -260,7 +245,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _progress(quiet: bool) -> Iterator[Callable[[Any], None] | None]:
+def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """advance(stage, done, total) drawing one rich bar per stage; None when quiet or
+    when rich is not installed."""
     try:
         from rich.progress import Progress
     except ImportError:
@@ -272,12 +259,12 @@ def _progress(quiet: bool) -> Iterator[Callable[[Any], None] | None]:
     with Progress(transient=True) as bar:
         tasks: dict[str, Any] = {}
 
-        def update(event: Any) -> None:
-            if event.stage not in tasks:
-                tasks[event.stage] = bar.add_task(event.stage, total=event.total)
-            bar.update(tasks[event.stage], completed=event.done, total=event.total)
+        def advance(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
 
-        yield update
+        yield advance
 
 
 def _print_summary(report: dict[str, Any], written: list[Path]) -> None:

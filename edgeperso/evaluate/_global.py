@@ -57,9 +57,12 @@ def fit_global_head(
         )
     else:
         fold = user_folds(users, k, seed)
+        per_user_rows = [np.flatnonzero(users == name) for name in names]
         scores = []
         for l2, weighting in candidates:
-            score = _cross_validate(x, target, users, fold, k, n_classes, l2, weighting, steps)
+            score = _cross_validate(
+                x, target, per_user_rows, fold, k, n_classes, l2, weighting, steps
+            )
             scores.append(score)
             selection["candidates"].append(
                 {"l2": l2, "class_weighting": weighting, "cv_score": score}
@@ -85,7 +88,7 @@ def user_folds(users: np.ndarray, k: int, seed: int) -> np.ndarray:
 def _cross_validate(
     x: np.ndarray,
     target: np.ndarray,
-    users: np.ndarray,
+    per_user_rows: list[np.ndarray],  # each user's row indices
     fold: np.ndarray,
     k: int,
     n_classes: int | None,
@@ -101,13 +104,12 @@ def _cross_validate(
         w, b = _fit(x[~held], target[~held], n_classes, l2, weighting, steps)
         out = x[held] @ w + b
         predicted[held] = out.argmax(1) if n_classes is not None else out[:, 0]
-    per_user = []
-    for user in np.unique(users):
-        rows = users == user
-        if n_classes is not None:
-            per_user.append(macro_f1(target[rows], predicted[rows]))
-        else:
-            per_user.append(float(np.mean(np.abs(predicted[rows] - target[rows]))))
+    if n_classes is not None:
+        per_user = [macro_f1(target[rows], predicted[rows]) for rows in per_user_rows]
+    else:
+        per_user = [
+            float(np.mean(np.abs(predicted[rows] - target[rows]))) for rows in per_user_rows
+        ]
     return float(np.mean(per_user))
 
 
