@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         default="cv",
         help="inverse-frequency class weights for the global head: chosen by CV, or fixed",
     )
+    ev.add_argument(
+        "--knn-k",
+        help="neighbour counts of the retrieval candidates in on-device training, e.g. 5,15 "
+        "('' offers none; default: TrainConfig's)",
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-plots", action="store_true", help="write the JSON only")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
@@ -203,6 +208,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         l2 = tuple(float(v) for v in args.global_l2.replace(" ", "").split(",") if v)
     except ValueError:
         raise InvalidInputError("--global-l2 takes numbers, e.g. 0.01,0.1,1") from None
+    retrieval: dict[str, Any] = {}
+    if args.knn_k is not None:
+        try:
+            retrieval["knn_k"] = tuple(int(k) for k in args.knn_k.replace(" ", "").split(",") if k)
+        except ValueError:
+            raise InvalidInputError("--knn-k takes integers, e.g. 5,15 ('' for none)") from None
     weighting = {"cv": (True, False), "on": (True,), "off": (False,)}
     config = EvalConfig(
         user_column=args.user_column,
@@ -221,6 +232,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             learning_rate=args.learning_rate,
             adapter=args.adapter,
             seed=args.seed,
+            **retrieval,
         ),
         head_l2=l2,
         head_class_weighting=weighting[args.global_class_weighting],

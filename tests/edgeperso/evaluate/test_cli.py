@@ -18,7 +18,7 @@ def test_evaluate_writes_the_json_report_and_the_plots(
     noyes_bundle: Path, annotations_csv: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    head = ["--global-l2", "0.5, 2", "--global-class-weighting", "off"]
+    head = ["--global-l2", "0.5, 2", "--global-class-weighting", "off", "--knn-k", ""]
     args = ["evaluate", str(annotations_csv), str(noyes_bundle), "--out", str(out), *head]
     assert main([*args, *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -28,6 +28,8 @@ def test_evaluate_writes_the_json_report_and_the_plots(
     assert report["global_head"]["l2"] in (0.5, 2.0)
     assert report["global_head"]["class_weighting"] is False
     assert report["config"]["cold_start"] == []
+    assert report["config"]["train"]["knn_k"] == []  # no retrieval candidate offered
+    assert all(user["stage"] != "knn" for user in report["users"])
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "per_user.png").stat().st_size > 0
         assert (out / "gain_by_user.png").stat().st_size > 0
@@ -50,6 +52,8 @@ def test_a_numeric_column_is_binarised_with_label_map(
         (["--cold-start", "ten"], "--cold-start takes integers"),
         (["--global-l2", "0.1,big"], "--global-l2 takes numbers"),
         (["--global-l2", "-1"], "EvalConfig.head_l2 is out of range"),
+        (["--knn-k", "5,many"], "--knn-k takes integers"),
+        (["--knn-k", "0"], "TrainConfig.knn_k must be a tuple of ints >= 1"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(
