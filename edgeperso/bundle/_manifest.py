@@ -137,14 +137,17 @@ class TrainGraph:
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
     """Inputs: every ParamSpec by name, `ref.<name>` for each trainable one, the batch
-    (`input_ids`, `attention_mask`, `history`, `history_mask`, then `labels` and
-    `weights`) and `prox_weight`. Outputs: `loss` and `grad.<name>` per trainable param.
+    (`prefix`: the frozen lower layers' hidden states, `attention_mask`, `history`,
+    `history_mask`, `targets`, `weights`) and `prox_weight`. Outputs: `loss` and
+    `grad.<name>` per trainable param.
     Loss = sum_i weights[i] * loss_i + prox_weight / 2 * sum ||p - ref.p||^2; rows with
     weight 0 are padding.
     """
 
     graphs: tuple[TrainGraph, ...]
-    loss: Literal["weighted_cross_entropy", "weighted_mse", "none"]  # none: no train graph
+    # supervised_contrastive (embedding): `targets` is [B, B], 1 where text j is a positive
+    # of anchor i (same group, j != i); none: no train graph (bundles before it existed)
+    loss: Literal["weighted_cross_entropy", "weighted_mse", "supervised_contrastive", "none"]
 
     def graph_for(self, seq_len: int) -> TrainGraph:
         """The smallest exported sequence-length bucket that fits `seq_len` tokens."""

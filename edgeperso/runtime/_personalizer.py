@@ -10,7 +10,7 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -375,14 +375,20 @@ class Personalizer:
         (encrypted) about ten times per call and when it stops early, so the next call with
         the same examples and settings (the time budget may differ) goes on where a killed,
         cancelled or out-of-time call stopped; a completed call removes its checkpoint.
+
+        On an embedding bundle an example's label names a group (any string): the adapter
+        stage, the only one there is, trains the user's LoRA so that texts of one group
+        embed close together (supervised contrastive loss), and keeps it only if a held-out
+        text's most similar training text is of its group more often than with the shared
+        model.
         """
         config = config or TrainConfig()
         if not isinstance(config, TrainConfig):
             raise InvalidInputError("config must be a TrainConfig")
         if not self.manifest.train.graphs:
             raise UnsupportedError(
-                f"this {self.manifest.task} bundle has no training graph; export a "
-                "classification or regression bundle to train on device"
+                f"this {self.manifest.task} bundle has no training graph; export it again "
+                "with this version of edgeperso-export to train on device"
             )
         with self.store.lock_user(user):
             return self._train_locked(user, config, on_progress, cancel)
@@ -397,14 +403,94 @@ class Personalizer:
         start = time.perf_counter()
         examples = self._training_examples(user, config)
         self._check_enough(examples)
-        data = self._prepare(user, examples, with_prefix=config.adapter)
+        embedding = self.manifest.task == "embedding"  # the adapter is its only stage
+        data = self._prepare(user, examples, with_prefix=config.adapter or embedding)
         rng = np.random.default_rng(config.seed)
-        labels = None if data.labels is None else list(data.labels)
+        chosen: tuple[str, Any] | None = None
+        global_score = best_score = math.nan
+        if not embedding:
+            chosen, global_score, best_score = self._stage1(data, config, rng)
+        head_l2 = float(chosen[1]) if chosen is not None and chosen[0] == "head" else None
+        knn = chosen[1] if chosen is not None and chosen[0] == "knn" else None
+        kept: Params | None = None
+        stage, personal_score = "global", best_score
+        if head_l2 is not None:
+            kept = self._head_params(
+                *self._fit_head(data, np.arange(len(examples)), head_l2, config)
+            )
+            stage = "head"
+        elif knn is not None:
+            assert data.labels is not None  # retrieval candidates are for classification
+            memory = _params.knn_memory(unit_rows(data.features), data.labels, *knn)
+            kept, stage = self._zero_user() | memory, "knn"
 
-        # Stage 1: the head and the retrieval mix, cross-validated against the shared model
-        # on every example.
-        folds = stratified_folds(labels, len(examples), config.folds, rng)
-        every = np.arange(len(examples))
+        # Stage 2: the adapter, from the head fitted on the training slice only.
+        adapter = _AdapterRun(0, 0, "completed", 0)
+        if config.adapter or embedding:
+            trained, adapter = self._train_adapter(
+                user, data, head_l2, config, rng, start, on_progress, cancel
+            )
+            if trained is not None:
+                kept, stage = trained, "adapter"
+            if trained is not None or embedding:  # embedding: the held-out slice's figures
+                global_score, personal_score = adapter.global_score, adapter.score
+        if adapter.stopped not in ("cancelled", "max_seconds"):
+            self.store.delete_blob(user, CHECKPOINT)
+        # else it stays: the next train() with the same settings goes on from it (max_steps
+        # ends the schedule itself, so a run it stopped is complete)
+
+        size = 0
+        if kept is not None:
+            blob = _params.to_bytes(kept)
+            self.store.put_blob(user, ADAPTER, blob, keep=2)
+            size = len(blob)
+            reason = {
+                "head": "the head beats the shared model in cross-validation",
+                "knn": "mixing in the user's most similar examples beats the shared model in "
+                "cross-validation",
+                "adapter": "the adapter beats the shared model and the head on held-out data",
+            }[stage]
+            if embedding:
+                reason = (
+                    "with the adapter, held-out texts retrieve a training text of their own "
+                    "group more often than with the shared model"
+                )
+        else:
+            self.store.delete_blob(user, ADAPTER)
+            reason = "the user's parameters did not beat the shared model on held-out data"
+        return TrainResult(
+            kept="global" if kept is None else "personal",
+            stage=stage,  # type: ignore[arg-type]
+            reason=reason,
+            metric={
+                "classification": "macro_f1",
+                "regression": "mae",
+                "embedding": "retrieval_macro_f1",
+            }[self.manifest.task],  # type: ignore[arg-type]
+            global_score=global_score,
+            personal_score=personal_score,
+            head_l2=head_l2 if stage != "global" else None,
+            knn=knn if stage == "knn" else None,
+            examples=len(examples),
+            holdout=adapter.holdout,
+            steps=adapter.steps,
+            epochs=adapter.epochs,
+            seconds=time.perf_counter() - start,
+            stopped=adapter.stopped,  # type: ignore[arg-type]
+            truncated_texts=data.truncated,
+            resumed_from_step=adapter.resumed,
+            adapter_bytes=size,
+        )
+
+    def _stage1(
+        self, data: _Prepared, config: TrainConfig, rng: np.random.Generator
+    ) -> tuple[tuple[str, Any] | None, float, float]:
+        """Stage 1: the head and the retrieval mix, cross-validated against the shared model
+        on every example. Returns the chosen candidate (None: the shared model), the shared
+        model's score and the chosen one's."""
+        labels = None if data.labels is None else list(data.labels)
+        folds = stratified_folds(labels, len(data.ids), config.folds, rng)
+        every = np.arange(len(data.ids))
         parts = [np.flatnonzero(folds == k) for k in range(int(folds.max()) + 1)]
         global_score = self._score(data, every, data.shared_out)
         global_folds = np.array([self._score(data, held, data.shared_out) for held in parts])
@@ -423,65 +509,7 @@ class Personalizer:
             clear = advantage.mean() > config.selection_se * error
             if clear and self._better(score, best_score):
                 chosen, best_score = candidate, score
-        head_l2 = float(chosen[1]) if chosen is not None and chosen[0] == "head" else None
-        knn = chosen[1] if chosen is not None and chosen[0] == "knn" else None
-        kept: Params | None = None
-        stage, personal_score = "global", best_score
-        if head_l2 is not None:
-            kept = self._head_params(*self._fit_head(data, every, head_l2, config))
-            stage = "head"
-        elif knn is not None:
-            assert data.labels is not None  # retrieval candidates are for classification
-            memory = _params.knn_memory(unit_rows(data.features), data.labels, *knn)
-            kept, stage = self._zero_user() | memory, "knn"
-
-        # Stage 2: the adapter, from the head fitted on the training slice only.
-        adapter = _AdapterRun(0, 0, "completed", 0)
-        if config.adapter:
-            trained, adapter = self._train_adapter(
-                user, data, head_l2, config, rng, start, on_progress, cancel
-            )
-            if trained is not None:
-                kept, stage = trained, "adapter"
-                global_score, personal_score = adapter.global_score, adapter.score
-        if adapter.stopped not in ("cancelled", "max_seconds"):
-            self.store.delete_blob(user, CHECKPOINT)
-        # else it stays: the next train() with the same settings goes on from it (max_steps
-        # ends the schedule itself, so a run it stopped is complete)
-
-        size = 0
-        if kept is not None:
-            blob = _params.to_bytes(kept)
-            self.store.put_blob(user, ADAPTER, blob, keep=2)
-            size = len(blob)
-            reason = {
-                "head": "the head beats the shared model in cross-validation",
-                "knn": "mixing in the user's most similar examples beats the shared model in "
-                "cross-validation",
-                "adapter": "the adapter beats the shared model and the head on held-out data",
-            }[stage]
-        else:
-            self.store.delete_blob(user, ADAPTER)
-            reason = "the user's parameters did not beat the shared model on held-out data"
-        return TrainResult(
-            kept="global" if kept is None else "personal",
-            stage=stage,  # type: ignore[arg-type]
-            reason=reason,
-            metric="mae" if self.manifest.task == "regression" else "macro_f1",
-            global_score=global_score,
-            personal_score=personal_score,
-            head_l2=head_l2 if stage != "global" else None,
-            knn=knn if stage == "knn" else None,
-            examples=len(examples),
-            holdout=adapter.holdout,
-            steps=adapter.steps,
-            epochs=adapter.epochs,
-            seconds=time.perf_counter() - start,
-            stopped=adapter.stopped,  # type: ignore[arg-type]
-            truncated_texts=data.truncated,
-            resumed_from_step=adapter.resumed,
-            adapter_bytes=size,
-        )
+        return chosen, global_score, best_score
 
     def _stage1_candidates(
         self, data: _Prepared, every: np.ndarray, parts: list[np.ndarray], config: TrainConfig
@@ -537,6 +565,8 @@ class Personalizer:
         return params
 
     def _score(self, data: _Prepared, rows: np.ndarray, out: np.ndarray) -> float:
+        if self.manifest.task == "embedding":
+            return _retrieval_score(data, rows, out)
         if data.labels is not None:
             return macro_f1(data.labels[rows], out[rows].argmax(-1))
         return float(np.abs(out[rows, 0] - data.targets[rows, 0]).mean())
@@ -577,7 +607,7 @@ class Personalizer:
             best_score = floor
         budget = Budget(config, cancel, start)
         weights = None
-        if data.labels is not None:
+        if self.manifest.task == "classification" and data.labels is not None:
             weights = class_weights(
                 data.labels[train_idx], len(self.manifest.labels), config.class_weighting
             )
@@ -585,7 +615,11 @@ class Personalizer:
         # Held-out evaluation (and checkpointing) about ten times per call, not every pass.
         passes, eval_every = 0, max(1, math.ceil(total / steps_per_epoch / 10))
         while step < total:
-            order = rng.permutation(train_idx)
+            order = (
+                _pairs_first(data, train_idx, rng)
+                if self.manifest.task == "embedding"
+                else rng.permutation(train_idx)
+            )
             for i in range(0, len(order), batch):
                 why = budget.stop_reason(step)
                 if why is not None or step >= total:
@@ -642,6 +676,14 @@ class Personalizer:
                 f"user has {len(examples)} labelled examples; training needs at least 4 "
                 "(some are held out to check the result against the shared model)"
             )
+        if self.manifest.task == "embedding":
+            sizes = sorted(Counter(str(ex.label) for ex in examples).values())
+            if len(sizes) < 2 or sizes[-1] < 3:
+                raise InvalidInputError(
+                    f"user's examples form {len(sizes)} group(s), the largest of "
+                    f"{sizes[-1]}; training an embedding needs at least 2 groups and one "
+                    "with 3 examples or more (a pair to train on and one to hold out)"
+                )
 
     def _prepare(self, user: str, examples: list[Example], *, with_prefix: bool) -> _Prepared:
         """One run of the inference graph per example, under the shared parameters and the
@@ -664,8 +706,10 @@ class Personalizer:
             if with_prefix:
                 prefixes.append(values[2][0])
         common = (ids, prefixes, np.stack(features), np.stack(outputs))
-        if self.manifest.task == "classification":
-            index = {label: i for i, label in enumerate(self.manifest.labels)}
+        if self.manifest.task != "regression":
+            # an embedding bundle's labels are the user's own group names
+            names = self.manifest.labels or tuple(sorted({str(ex.label) for ex in examples}))
+            index = {label: i for i, label in enumerate(names)}
             labels = np.array([index[str(ex.label)] for ex in examples], np.int64)
             targets = np.eye(len(index), dtype=np.float32)[labels]
             return _Prepared(*common, targets, labels, history, mask, truncated)
@@ -689,14 +733,24 @@ class Personalizer:
         d = self.manifest.hidden_size
         prefix = np.zeros((b, length, d), np.float32)
         mask = np.zeros((b, length), np.int64)
-        targets = np.zeros((b, data.targets.shape[1]), np.float32)
+        embedding = self.manifest.task == "embedding"
+        targets = np.zeros((b, b if embedding else data.targets.shape[1]), np.float32)
         w = np.zeros(b, np.float32)
         for slot, i in enumerate(rows):
             n = min(len(data.prefix[i]), length)
             prefix[slot, :n] = data.prefix[i][:n]
             mask[slot, :n] = 1
-            targets[slot] = data.targets[i]
+            if not embedding:
+                targets[slot] = data.targets[i]
             w[slot] = 1.0 if weights is None or data.labels is None else weights[data.labels[i]]
+        if embedding:
+            # Positive pairs: the other texts of the anchor's group in this micro-batch; an
+            # anchor without one has nothing to pull toward, and weight 0.
+            assert data.labels is not None
+            group = data.labels[rows]
+            same = (group[:, None] == group[None, :]) & ~np.eye(len(rows), dtype=bool)
+            targets[: len(rows), : len(rows)] = same
+            w[: len(rows)] = same.any(1)
         w /= max(float(w.sum()), 1e-12)
         feeds: dict[str, np.ndarray] = {
             "prefix": prefix,
@@ -723,13 +777,15 @@ class Personalizer:
         feeds = _params.infer_feeds(self.manifest, params)
         feeds |= {"history": data.history, "history_mask": data.history_mask}
         # Through the inference graph, one text per run: exactly how the user will be served.
+        # Retrieval (embedding bundles) compares the held-out texts with every other one.
+        texts = np.arange(len(data.ids)) if self.manifest.task == "embedding" else rows
         outs = []
-        for i in rows:
+        for i in texts:
             ids = data.ids[i][None, :]
             run = feeds | {"input_ids": ids, "attention_mask": np.ones_like(ids)}
             outs.append(self._infer.run(["output"], run)[0][0])
         full = np.zeros((len(data.ids), outs[0].shape[-1]), np.float32)
-        full[rows] = np.stack(outs)
+        full[texts] = np.stack(outs)
         return self._score(data, rows, full)
 
     def _better(self, score: float, than: float) -> bool:
@@ -760,8 +816,11 @@ class Personalizer:
             or not math.isfinite(label)
         ):
             raise InvalidInputError(f"{where} must be a finite number for a regression bundle")
-        if task == "embedding":
-            raise InvalidInputError(f"{where}: an embedding bundle takes examples without labels")
+        if task == "embedding" and (not isinstance(label, str) or not label.strip()):
+            raise InvalidInputError(
+                f"{where} must be a non-empty str on an embedding bundle: it names the "
+                "example's group (texts of one group are trained to embed close together)"
+            )
 
     def _history(self, user: str) -> tuple[np.ndarray, np.ndarray]:
         ue = self.manifest.user_embedding
@@ -883,3 +942,26 @@ class Personalizer:
         optimizer.load({k[2:]: v for k, v in blob.items() if k.startswith("o.")})
         best = {k[2:]: v for k, v in blob.items() if k.startswith("b.")} or None
         return int(meta["step"]), best, float(meta["best_score"]), int(meta["step"])
+
+
+def _retrieval_score(data: _Prepared, rows: np.ndarray, out: np.ndarray) -> float:
+    """Macro-F1 of `rows`' groups as predicted by their most cosine-similar other example
+    (one that is not in `rows`): how well the embedding `out` retrieves by group."""
+    assert data.labels is not None
+    keys = np.setdiff1d(np.arange(len(out)), rows)
+    if len(keys) == 0 or len(rows) == 0:
+        return 0.0
+    unit = unit_rows(out)
+    nearest = keys[np.argmax(unit[rows] @ unit[keys].T, axis=1)]
+    return macro_f1(data.labels[rows], data.labels[nearest])
+
+
+def _pairs_first(data: _Prepared, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`rows` in an order for the contrastive loss: each group's examples shuffled and
+    dealt in pairs, the pairs shuffled, so that consecutive micro-batches hold positives."""
+    assert data.labels is not None
+    units: list[np.ndarray] = []
+    for group in np.unique(data.labels[rows]):
+        members = rng.permutation(rows[data.labels[rows] == group])
+        units += [members[i : i + 2] for i in range(0, len(members), 2)]
+    return np.concatenate([units[i] for i in rng.permutation(len(units))])

@@ -155,7 +155,9 @@ class TrainResult:
     kept: Literal["personal", "global"]
     stage: Literal["global", "head", "knn", "adapter"]
     reason: str
-    metric: Literal["macro_f1", "mae"]
+    # retrieval_macro_f1 (embedding bundles): each held-out text takes the group of its
+    # most similar training text; macro-F1 of those groups
+    metric: Literal["macro_f1", "mae", "retrieval_macro_f1"]
     global_score: float
     personal_score: float
     head_l2: float | None  # the cross-validated strength of the head's pull (None: no head)

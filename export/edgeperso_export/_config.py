@@ -79,8 +79,11 @@ class ExportConfig:
             raise ExportError("lora_alpha must be > 0")
         if self.user_embedding_dim < 0 or self.history_size < 1 or self.mlp_hidden < 1:
             raise ExportError("user_embedding_dim >= 0, history_size >= 1, mlp_hidden >= 1")
-        if self.train_batch_size < 1:
-            raise ExportError("train_batch_size must be >= 1")
+        if self.train_batch_size < (2 if self.task == "embedding" else 1):
+            raise ExportError(
+                "train_batch_size must be >= 1 (>= 2 for embedding: its contrastive loss "
+                "compares the texts of a micro-batch)"
+            )
         if not self.seq_buckets or any(b < 8 for b in self.seq_buckets):
             raise ExportError("seq_buckets must be a non-empty list of lengths >= 8")
         if self.lora_target_modules is not None and not self.lora_target_modules:

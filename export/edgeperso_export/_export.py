@@ -345,27 +345,26 @@ def _build(source: str, work: Path, config: ExportConfig, stage: Progress) -> Ma
     log.info("train graph uses %d dequantized int8 weights", loaded)
     _parity.check_against_peft(measured, config, encoder, reference, targets, layers, tokenize)
     graphs = []
-    if config.task != "embedding":
-        for seq in config.buckets:
-            name = f"train_step_L{seq}.onnx"
-            batch = _graphs.train_sample(
-                train_model,
-                config.train_batch_size,
-                seq,
-                config.history_size,
-                config.output_size,
-            )
-            outputs = _graphs.export_train(train_model, work / name, batch, trainable)
-            _parity.check_gradients(
-                measured,
-                config,
-                copy.deepcopy(train_model),
-                work / name,
-                outputs,
-                batch,
-                trainable,
-            )
-            graphs.append(TrainGraph(name, config.train_batch_size, seq))
+    for seq in config.buckets:
+        name = f"train_step_L{seq}.onnx"
+        batch = _graphs.train_sample(
+            train_model,
+            config.train_batch_size,
+            seq,
+            config.history_size if user_emb is not None else 1,  # as the runtime feeds it
+            config.output_size,
+        )
+        outputs = _graphs.export_train(train_model, work / name, batch, trainable)
+        _parity.check_gradients(
+            measured,
+            config,
+            copy.deepcopy(train_model),
+            work / name,
+            outputs,
+            batch,
+            trainable,
+        )
+        graphs.append(TrainGraph(name, config.train_batch_size, seq))
     _raise_on_failure(measured)
 
     stage("write")
@@ -398,7 +397,8 @@ def _build(source: str, work: Path, config: ExportConfig, stage: Progress) -> Ma
             loss={
                 "classification": "weighted_cross_entropy",
                 "regression": "weighted_mse",
-            }.get(config.task, "none"),  # type: ignore[arg-type]
+                "embedding": "supervised_contrastive",
+            }[config.task],  # type: ignore[arg-type]
         ),
         parity=tuple(measured.checks),
     )

@@ -158,13 +158,26 @@ def train_sample(
     model: PersonalModel, batch_size: int, seq_len: int, history_size: int, output_size: int
 ) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.int64)
+    weights = torch.full((batch_size,), 1.0 / batch_size)
+    if model.task == "embedding":
+        # Positive pairs among three groups, and a last row of padding, so that the
+        # gradient check covers the masking too.
+        group = torch.arange(batch_size) % 3
+        targets = (group[:, None] == group[None, :]).float() * (1 - torch.eye(batch_size))
+        mask[-1] = 0
+        targets[-1] = 0
+        targets[:, -1] = 0
+        weights[-1] = 0
+    else:
+        targets = torch.softmax(torch.randn(batch_size, output_size, generator=gen), -1)
     return (
         torch.randn(batch_size, seq_len, model.hidden, generator=gen),
-        torch.ones(batch_size, seq_len, dtype=torch.int64),
+        mask,
         torch.randn(history_size, model.hidden, generator=gen),
         torch.ones(history_size),
-        torch.softmax(torch.randn(batch_size, output_size, generator=gen), -1),
-        torch.full((batch_size,), 1.0 / batch_size),
+        targets,
+        weights,
         torch.tensor(0.1),
     )
 

@@ -316,6 +316,30 @@ class InferModule(nn.Module):
         return out
 
 
+CONTRASTIVE_TEMPERATURE = 0.05  # sentence-transformers' MultipleNegativesRankingLoss scale 20
+
+
+def _supervised_contrastive(
+    out: torch.Tensor,  # [B, d] the embeddings
+    attention_mask: torch.Tensor,  # [B, L]; an all-zero row is padding
+    positives: torch.Tensor,  # [B, B] 1 where j is a positive of anchor i (0 on the diagonal)
+) -> torch.Tensor:
+    """[B] supervised contrastive loss per anchor (Khosla et al. 2020): minus the mean log
+    probability of the anchor's positives in a softmax over every other real row of the
+    micro-batch, on cosine similarity / temperature.
+
+    Masked entries get -1e4 rather than -inf, so that no NaN reaches the gradients; an
+    anchor with no positive contributes 0 (its weight should be 0 too)."""
+    z = nn.functional.normalize(out, dim=-1)
+    sim = z @ z.T / CONTRASTIVE_TEMPERATURE
+    real = (attention_mask.sum(-1) > 0).to(sim.dtype)  # [B]
+    eye = torch.eye(sim.shape[0], dtype=sim.dtype)
+    excluded = torch.clamp(eye + (1.0 - real).unsqueeze(0), max=1.0)
+    logp = torch.log_softmax(sim - 1e4 * excluded, dim=-1)
+    count = positives.sum(-1).clamp(min=1.0)
+    return -(positives * logp).sum(-1) / count
+
+
 class TrainLoss(nn.Module):
     """prefix, mask, history, targets, weights, prox, refs -> (loss,) for aot_autograd.
 
@@ -335,7 +359,7 @@ class TrainLoss(nn.Module):
         attention_mask: torch.Tensor,  # [B, L] int64
         history: torch.Tensor,  # [H, d] float32
         history_mask: torch.Tensor,  # [H] float32
-        targets: torch.Tensor,  # [B, C] float32: one-hot/soft labels, or scores
+        targets: torch.Tensor,  # [B, C] one-hot/soft labels or scores; [B, B] positive pairs
         weights: torch.Tensor,  # [B] float32, 0 for padding
         prox_weight: torch.Tensor,  # [] float32
         *refs: torch.Tensor,  # one per trainable param, same order
@@ -344,6 +368,8 @@ class TrainLoss(nn.Module):
         out = self.model.head(e, history, history_mask)
         if self.model.task == "classification":
             per_example = -(targets * torch.log_softmax(out, dim=-1)).sum(-1)
+        elif self.model.task == "embedding":
+            per_example = _supervised_contrastive(out, attention_mask, targets)
         else:
             per_example = ((out - targets) ** 2).sum(-1)
         loss = (per_example * weights).sum()

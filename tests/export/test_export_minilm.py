@@ -44,9 +44,16 @@ def test_exported_bundle_loads_and_passed_every_gate(bundles: dict[str, Path], t
         "adapter_delta_cosine",
         "peft_max_abs",
     } <= names
-    if task != "embedding":
-        assert "grad_rel_error" in names
-        assert [g.seq_len for g in manifest.train.graphs] == [32]
+    assert "grad_rel_error" in names
+    assert [g.seq_len for g in manifest.train.graphs] == [32]
+    assert (
+        manifest.train.loss
+        == {
+            "classification": "weighted_cross_entropy",
+            "regression": "weighted_mse",
+            "embedding": "supervised_contrastive",
+        }[task]
+    )
 
 
 def test_manifest_records_quantization_for_this_cpu(bundles: dict[str, Path]) -> None:

@@ -124,22 +124,14 @@ def test_predict_and_score_on_an_embedding_bundle_raise_unsupported(
     assert np.isfinite(vectors).all()
 
 
-def test_train_on_an_embedding_bundle_raises_unsupported_and_stores_nothing(
+def test_train_on_an_embedding_bundle_without_groups_is_refused_and_stores_nothing(
     embedder: Personalizer, store: Store
 ) -> None:
-    embedder.add_examples("alice", [Example(t) for t in PETS])
+    embedder.add_examples("alice", [Example(t) for t in PETS])  # history only, no groups
     before = snapshot(store, "alice")
-    with pytest.raises(UnsupportedError, match="training"):
+    with pytest.raises(InvalidInputError, match="labelled examples"):
         embedder.train("alice", TrainConfig(epochs=1))
     assert snapshot(store, "alice") == before
-
-
-def test_an_embedding_bundle_refuses_labelled_examples(
-    embedder: Personalizer, store: Store
-) -> None:
-    with pytest.raises(InvalidInputError, match="without labels"):
-        embedder.add_examples("alice", [Example("hello", label="a")])
-    assert store.examples("alice") == []
 
 
 @pytest.mark.parametrize(
