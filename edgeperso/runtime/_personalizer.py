@@ -109,6 +109,7 @@ class _Served:
     personal: bool
 
 
+_BOOTSTRAP = 200  # resamples of the held-out slice behind the adapter stage's keep decision
 _SERVED_USERS = 8  # users whose serving state stays decrypted in memory (least recent out)
 
 
@@ -565,11 +566,52 @@ class Personalizer:
         return params
 
     def _score(self, data: _Prepared, rows: np.ndarray, out: np.ndarray) -> float:
+        return self._metric(data, rows, self._predictions(data, rows, out))
+
+    def _predictions(self, data: _Prepared, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """What the model `out` predicts for each of `rows`: a class, a score, or (embedding
+        bundles) the group of the most cosine-similar example outside `rows`."""
         if self.manifest.task == "embedding":
-            return _retrieval_score(data, rows, out)
+            assert data.labels is not None
+            keys = np.setdiff1d(np.arange(len(out)), rows)
+            unit = unit_rows(out)
+            nearest = keys[np.argmax(unit[rows] @ unit[keys].T, axis=1)]
+            groups: np.ndarray = data.labels[nearest]
+            return groups
         if data.labels is not None:
-            return macro_f1(data.labels[rows], out[rows].argmax(-1))
-        return float(np.abs(out[rows, 0] - data.targets[rows, 0]).mean())
+            classes: np.ndarray = out[rows].argmax(-1)
+            return classes
+        scores: np.ndarray = out[rows, 0]
+        return scores
+
+    def _metric(self, data: _Prepared, rows: np.ndarray, predicted: np.ndarray) -> float:
+        if data.labels is not None:
+            return macro_f1(data.labels[rows], predicted)
+        return float(np.abs(predicted - data.targets[rows, 0]).mean())
+
+    def _clear_gain(
+        self,
+        data: _Prepared,
+        rows: np.ndarray,
+        new: np.ndarray,
+        old: np.ndarray,
+        config: TrainConfig,
+    ) -> bool:
+        """Whether outputs `new` beat `old` on `rows` by more than `selection_se` bootstrap
+        standard errors of the difference (rows resampled with replacement, paired). The
+        held-out slice also chose the best pass, so its plain score flatters the adapter;
+        this is stage 1's standard-error rule, on the slice instead of folds."""
+        sign = -1.0 if self.manifest.task == "regression" else 1.0  # MAE: lower is better
+        a, b = self._predictions(data, rows, new), self._predictions(data, rows, old)
+        gain = sign * (self._metric(data, rows, a) - self._metric(data, rows, b))
+        rng = np.random.default_rng([config.seed, 0xB007])
+        draws = []
+        for _ in range(_BOOTSTRAP):
+            i = rng.integers(len(rows), size=len(rows))
+            draws.append(
+                sign * (self._metric(data, rows[i], a[i]) - self._metric(data, rows[i], b[i]))
+            )
+        return gain > 0 and gain > config.selection_se * float(np.std(draws))
 
     def _train_adapter(
         self,
@@ -601,8 +643,11 @@ class Personalizer:
         fingerprint = self._fingerprint(data, config)
         step, best, best_score, resumed = self._resume(user, fingerprint, params, optimizer)
         global_score = self._score(data, held_idx, data.shared_out)
-        start_score = self._evaluate(data, held_idx, params)
-        floor = start_score if self._better(start_score, global_score) else global_score
+        start_out = self._outputs(data, held_idx, params)
+        start_score = self._score(data, held_idx, start_out)
+        from_head = self._better(start_score, global_score)  # the stage-1 head is the floor
+        floor = start_score if from_head else global_score
+        floor_out = start_out if from_head else data.shared_out
         if best is None:
             best_score = floor
         budget = Budget(config, cancel, start)
@@ -644,7 +689,7 @@ class Personalizer:
             passes += 1
             if passes % eval_every and step < total and stopped == "completed":
                 continue
-            score = self._evaluate(data, held_idx, params)
+            score = self._score(data, held_idx, self._outputs(data, held_idx, params))
             if self._better(score, best_score):
                 best, best_score = {k: v.copy() for k, v in params.items()}, score
             self._checkpoint(user, fingerprint, step, params, optimizer, best, best_score)
@@ -653,7 +698,12 @@ class Personalizer:
         run = _AdapterRun(
             step, len(held_idx), stopped, resumed, step / steps_per_epoch, global_score, best_score
         )
-        return (best if best is not None and self._better(best_score, floor) else None), run
+        if best is None or not self._better(best_score, floor):
+            return None, run
+        best_out = self._outputs(data, held_idx, best)
+        return (
+            best if self._clear_gain(data, held_idx, best_out, floor_out, config) else None
+        ), run
 
     def _training_examples(self, user: str, config: TrainConfig) -> list[Example]:
         corrections: dict[int, str | int | float | None] = {}
@@ -772,7 +822,9 @@ class Personalizer:
         optimizer.step(params, grads, lr)
         return float(values[0])
 
-    def _evaluate(self, data: _Prepared, rows: np.ndarray, user_params: Params | None) -> float:
+    def _outputs(self, data: _Prepared, rows: np.ndarray, user_params: Params | None) -> np.ndarray:
+        """[n, C] the inference graph's outputs under `user_params` for `rows` (every
+        example for an embedding bundle, whose retrieval compares with the others)."""
         params = self._shared | (user_params or self._zero_user())
         feeds = _params.infer_feeds(self.manifest, params)
         feeds |= {"history": data.history, "history_mask": data.history_mask}
@@ -786,7 +838,7 @@ class Personalizer:
             outs.append(self._infer.run(["output"], run)[0][0])
         full = np.zeros((len(data.ids), outs[0].shape[-1]), np.float32)
         full[texts] = np.stack(outs)
-        return self._score(data, rows, full)
+        return full
 
     def _better(self, score: float, than: float) -> bool:
         return score < than if self.manifest.task == "regression" else score > than
@@ -942,18 +994,6 @@ class Personalizer:
         optimizer.load({k[2:]: v for k, v in blob.items() if k.startswith("o.")})
         best = {k[2:]: v for k, v in blob.items() if k.startswith("b.")} or None
         return int(meta["step"]), best, float(meta["best_score"]), int(meta["step"])
-
-
-def _retrieval_score(data: _Prepared, rows: np.ndarray, out: np.ndarray) -> float:
-    """Macro-F1 of `rows`' groups as predicted by their most cosine-similar other example
-    (one that is not in `rows`): how well the embedding `out` retrieves by group."""
-    assert data.labels is not None
-    keys = np.setdiff1d(np.arange(len(out)), rows)
-    if len(keys) == 0 or len(rows) == 0:
-        return 0.0
-    unit = unit_rows(out)
-    nearest = keys[np.argmax(unit[rows] @ unit[keys].T, axis=1)]
-    return macro_f1(data.labels[rows], data.labels[nearest])
 
 
 def _pairs_first(data: _Prepared, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
