@@ -44,7 +44,7 @@ class TrainConfig:
     # cross-validation over all the user's examples, against the shared model itself.
     head_l2: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     folds: int = 5
-    selection_se: float = 1.5  # a candidate's per-fold advantage must exceed this many SEs
+    selection_se: float = 1.5  # a kept candidate or adapter must beat the floor by this many SEs
     # Stage 1 also tries retrieval (classification): the shared model's probabilities mixed
     # with the labels of the k most similar of the user's own examples, for each k and
     # weight here, cross-validated the same way. Empty tuples turn it off.
