@@ -336,6 +336,11 @@ class Personalizer:
             client.contribute(task, before=update.before, after=update.after,
                               summary=update.summary, num_examples=update.num_examples)
         """
+        if self.manifest.task == "embedding":
+            raise UnsupportedError(
+                "an embedding bundle has no shared head to refit: federated rounds take "
+                "classification and regression bundles"
+            )
         unknown = [n for n in names if n not in self._shared]
         if unknown:
             raise InvalidInputError(

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
-from edgeperso import Bundle, InvalidInputError
+from edgeperso import Bundle, InvalidInputError, UnsupportedError
 from edgeperso.runtime import Personalizer, TrainConfig, TrainProgress
 from edgeperso.runtime._params import infer_feeds
 from edgeperso.store import Example, Store
@@ -81,6 +81,14 @@ def test_a_grouping_the_shared_model_already_retrieves_keeps_the_shared_model(
     assert result.kept == "global" and result.stage == "global"
     assert result.global_score == result.personal_score
     assert store.get_blob("alice", "adapter") is None
+
+
+def test_a_shared_update_from_an_embedding_bundle_is_unsupported(
+    embedder: Personalizer, store: Store
+) -> None:
+    embedder.add_examples("alice", colour_examples())
+    with pytest.raises(UnsupportedError, match="no shared head"):
+        embedder.shared_update("alice", list(embedder.shared_params()))
 
 
 @pytest.mark.parametrize(
