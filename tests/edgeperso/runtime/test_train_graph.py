@@ -70,8 +70,18 @@ def train_feeds(
         "weights": weights / weights.sum(),
         "prox_weight": np.array(0.1, np.float32),
     }
+    feeds |= param_feeds(bundle, rng)
+    inputs = {i.name for i in train.get_inputs()}
+    return train, {k: v for k, v in feeds.items() if k in inputs}
+
+
+def param_feeds(bundle: Bundle, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Every parameter and its Ditto reference: random non-zero user parameters (pulled
+    toward 0), the bundle's exported values or zeros for the shared ones (their own
+    references)."""
+    feeds: dict[str, np.ndarray] = {}
     exported = bundle.initial_params()
-    for p in manifest.params:
+    for p in bundle.manifest.params:
         if p.level == "user":
             value = (0.3 * rng.normal(size=p.shape)).astype(np.float32)
         elif p.init == "bundle":
@@ -80,8 +90,7 @@ def train_feeds(
             value = np.zeros(p.shape, np.float32)
         feeds[p.name] = value
         feeds[f"ref.{p.name}"] = np.zeros_like(value) if p.level == "user" else value
-    inputs = {i.name for i in train.get_inputs()}
-    return train, {k: v for k, v in feeds.items() if k in inputs}
+    return feeds
 
 
 def loss_of(train: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
