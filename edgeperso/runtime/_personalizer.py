@@ -455,12 +455,10 @@ class Personalizer:
                 "knn": "mixing in the user's most similar examples beats the shared model in "
                 "cross-validation",
                 "adapter": "the adapter beats the shared model and the head on held-out data",
-            }[stage]
-            if embedding:
-                reason = (
-                    "with the adapter, held-out texts retrieve a training text of their own "
-                    "group more often than with the shared model"
-                )
+                # an embedding bundle's only stage
+                "retrieval": "with the adapter, held-out texts retrieve a training text of "
+                "their own group more often than with the shared model",
+            }["retrieval" if embedding else stage]
         else:
             self.store.delete_blob(user, ADAPTER)
             reason = "the user's parameters did not beat the shared model on held-out data"
@@ -647,6 +645,7 @@ class Personalizer:
             total = min(total, config.max_steps)
         fingerprint = self._fingerprint(data, config)
         step, best, best_score, resumed = self._resume(user, fingerprint, params, optimizer)
+        best_out = None  # the best pass's held-out outputs (recomputed for a resumed best)
         global_score = self._score(data, held_idx, data.shared_out)
         start_out = self._outputs(data, held_idx, params)
         start_score = self._score(data, held_idx, start_out)
@@ -694,9 +693,10 @@ class Personalizer:
             passes += 1
             if passes % eval_every and step < total and stopped == "completed":
                 continue
-            score = self._score(data, held_idx, self._outputs(data, held_idx, params))
+            out = self._outputs(data, held_idx, params)
+            score = self._score(data, held_idx, out)
             if self._better(score, best_score):
-                best, best_score = {k: v.copy() for k, v in params.items()}, score
+                best, best_score, best_out = {k: v.copy() for k, v in params.items()}, score, out
             self._checkpoint(user, fingerprint, step, params, optimizer, best, best_score)
             if stopped != "completed":
                 break
@@ -705,7 +705,8 @@ class Personalizer:
         )
         if best is None or not self._better(best_score, floor):
             return None, run
-        best_out = self._outputs(data, held_idx, best)
+        if best_out is None:
+            best_out = self._outputs(data, held_idx, best)
         return (
             best if self._clear_gain(data, held_idx, best_out, floor_out, config) else None
         ), run
