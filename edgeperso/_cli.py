@@ -86,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
         help="inverse-frequency class weights for the global head: chosen by CV, or fixed",
     )
     ev.add_argument(
+        "--global-epochs",
+        type=float,
+        default=0.0,
+        help="also train the global LoRA and head on the training rows for this many "
+        "passes through the bundle's train graph (default 0: the linear head only)",
+    )
+    ev.add_argument("--global-learning-rate", type=float, default=5e-4)
+    ev.add_argument(
         "--knn-k",
         help="neighbour counts of the retrieval candidates in on-device training, e.g. 5,15 "
         "('' offers none; default: TrainConfig's)",
@@ -236,6 +244,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         ),
         head_l2=l2,
         head_class_weighting=weighting[args.global_class_weighting],
+        global_epochs=args.global_epochs,
+        global_learning_rate=args.global_learning_rate,
         seed=args.seed,
         feature_cache=str(args.feature_cache) if args.feature_cache else None,
     )

@@ -83,6 +83,11 @@ class EvalConfig:
     single value skips the choice). Each evaluated user is then personalized on device with
     `train`. `cold_start` lists the k (training
     rows per user) at which the personalization is repeated for the cold-start curve.
+
+    With `global_epochs` > 0 the global level also trains: the bundle's global LoRA (B
+    matrices) and head, through its train graph, for that many passes over every training
+    row (`Personalizer.train_shared`), starting from the cross-validated head; the head is
+    then cross-validated again on the trained model's features.
     """
 
     user_column: str = "user"
@@ -100,6 +105,8 @@ class EvalConfig:
     head_class_weighting: tuple[bool, ...] = (True, False)  # inverse-frequency weights or none
     head_steps: int = 500
     head_folds: int = 5
+    global_epochs: float = 0.0  # 0: the global level is the linear head on base features
+    global_learning_rate: float = 5e-4
     bootstrap: int = 2000
     seed: int = 0
     # Base features of the data set's texts, kept between runs on the same data and bundle.
@@ -118,6 +125,8 @@ class EvalConfig:
         if not isinstance(self.train, TrainConfig):
             raise InvalidInputError("EvalConfig.train must be a TrainConfig")
         _number(self.test_fraction, "test_fraction", low=0.0, high=1.0)
+        _number(self.global_epochs, "global_epochs", low=0.0, inclusive=True)
+        _number(self.global_learning_rate, "global_learning_rate", low=0.0)
         self._normalize_head_grid()
         for name, low in (
             ("min_user_rows", 4),

@@ -23,7 +23,7 @@ from edgeperso.evaluate._config import EvalConfig
 from edgeperso.evaluate._data import Record, UserSplit, read_table, split_users, to_records
 from edgeperso.evaluate._global import fit_global_head
 from edgeperso.evaluate._report import ColdStartPoint, EvalReport, UserResult, machine_info
-from edgeperso.runtime import Personalizer
+from edgeperso.runtime import Personalizer, SharedTrainConfig, _params
 from edgeperso.store import Example, RawKey, Store
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,50 @@ class _Run:
         self.global_predictions: dict[str, list[str | float]] = {}  # by user: test rows
 
     def fit_global(self, splits: Mapping[str, UserSplit]) -> dict[str, Any]:
-        """Fit the global head on base features of every user's training rows; install it."""
+        """Fit the global head on base features of every user's training rows and install
+        it; with `global_epochs`, then train the global LoRA and head on those rows and
+        cross-validate the head again on the trained model's features."""
         rows = [r for split in splits.values() for r in split.train]
+        report = self._fit_head(rows)
+        if self.config.global_epochs <= 0:
+            return report
+        examples = [Example(r.text, label=r.label) for r in rows]
+        trained = self.model.train_shared(
+            examples,
+            config=SharedTrainConfig(
+                epochs=self.config.global_epochs,
+                learning_rate=self.config.global_learning_rate,
+                seed=self.config.seed,
+            ),
+            on_progress=lambda p: self.progress(
+                EvalProgress("global adapter", p.step, p.total_steps)
+            ),
+        )
+        self.model.install_shared(trained.params)
+        log.info(
+            "global adapter: %d steps in %.0f s, loss %.4f -> %.4f",
+            trained.steps,
+            trained.seconds,
+            trained.loss_start,
+            trained.loss_end,
+        )
+        refit = self._fit_head(rows)
+        refit["before_adapter"] = report
+        refit["adapter"] = {
+            "epochs": self.config.global_epochs,
+            "learning_rate": self.config.global_learning_rate,
+            "parameters": sorted(trained.params),
+            "steps": trained.steps,
+            "seconds": trained.seconds,
+            "loss_start": trained.loss_start,
+            "loss_end": trained.loss_end,
+            "distinct_texts": trained.texts,
+            "truncated_texts": trained.truncated_texts,
+        }
+        return refit
+
+    def _fit_head(self, rows: Sequence[Record]) -> dict[str, Any]:
+        """Cross-validate and install the global head on the current model's features."""
         texts = sorted({r.text for r in rows})
         start = time.perf_counter()
         features = self._features(texts)  # [len(texts), hidden]
@@ -308,8 +350,9 @@ class _Run:
         return out
 
     def _features(self, texts: Sequence[str]) -> np.ndarray:
-        """Base features of `texts`, from the feature cache where it has them."""
-        scope = self.model.bundle_identity.encode()
+        """Features of `texts` under the installed shared parameters, from the feature
+        cache where it has them (keyed by the bundle, those parameters and the text)."""
+        scope = self.model.bundle_identity.encode() + self._shared_digest()
         keys = [hashlib.sha256(scope + t.encode()).hexdigest() for t in texts]
         cached: dict[str, np.ndarray] = {}
         path = Path(self.config.feature_cache) if self.config.feature_cache else None
@@ -329,6 +372,20 @@ class _Run:
             with path.open("wb") as out:
                 np.savez(out, keys=np.array(names), features=np.stack([cached[k] for k in names]))
         return np.stack([cached[k] for k in keys])
+
+    def _shared_digest(self) -> bytes:
+        """The shared parameters the features depend on: everything but the head, which
+        reads the features. Empty while they are still the bundle's own (so a cache made
+        before trained global adapters existed stays valid)."""
+        params = self.model.shared_params()
+        initial = _params.shared_params(self.model.manifest, self.model.bundle.initial_params())
+        names = sorted(n for n in params if not n.startswith("global.head."))
+        if all(np.array_equal(params[n], initial[n]) for n in names):
+            return b""
+        digest = hashlib.sha256()
+        for name in names:
+            digest.update(name.encode() + np.ascontiguousarray(params[name]).tobytes())
+        return digest.digest()
 
 
 def _summaries(

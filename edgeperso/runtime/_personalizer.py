@@ -19,10 +19,11 @@ import numpy as np
 
 from edgeperso._errors import InvalidInputError, UnsupportedError
 from edgeperso.bundle import INFER_GRAPH, Bundle, Manifest
-from edgeperso.runtime import _params
+from edgeperso.runtime import _params, _shared
 from edgeperso.runtime._head import fit_logistic, fit_ridge, knn_mix, unit_rows
 from edgeperso.runtime._params import Params
 from edgeperso.runtime._session import Graph, SessionOptions
+from edgeperso.runtime._shared import SharedTrainConfig, SharedTrainResult
 from edgeperso.runtime._tokenize import Encoded, TextEncoder, check_texts
 from edgeperso.runtime._trainer import (
     AdamW,
@@ -363,6 +364,28 @@ class Personalizer:
         summary = data.features.mean(0)
         summary /= max(float(np.linalg.norm(summary)), 1e-12)
         return SharedUpdate(before, after, summary.astype(np.float32), len(examples))
+
+    def train_shared(
+        self,
+        examples: Sequence[Example],
+        names: Sequence[str] | None = None,
+        config: SharedTrainConfig | None = None,
+        *,
+        on_progress: Callable[[TrainProgress], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> SharedTrainResult:
+        """Train persona/global parameters (default: the global LoRA B matrices and head) on
+        pooled labelled examples through the bundle's train graph, starting from the ones in
+        use. Returns them; nothing is installed (`install_shared` does that). For data that
+        may be pooled, such as an evaluation's training users or a server's seed set: a
+        user's own examples stay on the device and go through `train`.
+
+            result = model.train_shared(seed_examples, config=SharedTrainConfig(epochs=2))
+            model.install_shared(result.params)
+        """
+        return _shared.train_shared(
+            self, examples, names, config or SharedTrainConfig(), on_progress, cancel
+        )
 
     # -- training ---------------------------------------------------------------------------
 

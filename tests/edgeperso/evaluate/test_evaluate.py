@@ -130,3 +130,32 @@ def test_the_global_heads_choice_never_sees_a_test_row(noyes_bundle: Path) -> No
 def test_raw_numeric_labels_without_a_label_map_are_refused(noyes_bundle: Path) -> None:
     with pytest.raises(InvalidInputError, match="not among the bundle's labels"):
         evaluate(annotation_rows(), noyes_bundle, EvalConfig(label_column="score"))
+
+
+def test_global_epochs_train_the_global_adapter_then_cross_validate_the_head_again(
+    noyes_bundle: Path, tmp_path: Path
+) -> None:
+    """global_epochs > 0: the global LoRA and head train on the training rows, then the
+    head is cross-validated again on the trained model's features (cached apart from the
+    bundle's own)."""
+    cache = tmp_path / "features.npz"
+    config = dataclasses.replace(
+        CONFIG,
+        cold_start=(),
+        train=TrainConfig(),
+        max_users=2,
+        global_epochs=4,
+        global_learning_rate=1e-2,
+        feature_cache=str(cache),
+    )
+    report = evaluate(annotation_rows(), noyes_bundle, config)
+
+    adapter = report.global_head["adapter"]
+    rows = report.global_head["train_rows"]
+    assert adapter["steps"] == 4 * -(-rows // 8) and adapter["loss_end"] < adapter["loss_start"]
+    assert any(name.startswith("global.lora.") for name in adapter["parameters"])
+    before = report.global_head["before_adapter"]
+    assert before["train_rows"] == rows and before["selection"]["candidates"]
+    # features under the bundle's own parameters and under the trained ones are cached apart
+    with np.load(cache) as npz:
+        assert len(npz["keys"]) == 2 * report.global_head["distinct_texts"]
