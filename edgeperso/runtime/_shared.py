@@ -24,7 +24,13 @@ from edgeperso._errors import InvalidInputError, UnsupportedError
 from edgeperso.runtime import _params
 from edgeperso.runtime._params import Params
 from edgeperso.runtime._tokenize import check_texts
-from edgeperso.runtime._trainer import AdamW, TrainProgress, class_weights, clip_by_global_norm
+from edgeperso.runtime._trainer import (
+    AdamW,
+    TrainProgress,
+    class_weights,
+    clip_by_global_norm,
+    learning_rate,
+)
 from edgeperso.store import Example
 
 if TYPE_CHECKING:
@@ -147,7 +153,6 @@ def train_shared(
     batch = manifest.train.graphs[0].batch_size
     steps_per_epoch = math.ceil(len(examples) / batch)
     total = max(1, round(steps_per_epoch * config.epochs))
-    warmup = max(1, int(config.warmup_fraction * total))
     rng = np.random.default_rng([config.seed, 0x5A])
     losses: list[float] = []
     stopped: Literal["completed", "max_seconds", "cancelled"] = "completed"
@@ -196,12 +201,7 @@ def train_shared(
             values = graph.run(outputs, step_feeds)
             grads = dict(zip(names, values[1:], strict=True))
             clip_by_global_norm(grads, config.max_grad_norm)
-            if step < warmup:
-                lr = config.learning_rate * (step + 1) / warmup
-            else:
-                progress = (step - warmup) / max(1, total - warmup)
-                lr = config.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
-            optimizer.step(params, grads, lr)
+            optimizer.step(params, grads, learning_rate(config, step, total))
             losses.append(float(values[0]))
             if on_progress is not None:
                 on_progress(

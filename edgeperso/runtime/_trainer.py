@@ -11,7 +11,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -218,7 +218,18 @@ def clip_by_global_norm(grads: Params, max_norm: float) -> float:
     return norm
 
 
-def learning_rate(config: TrainConfig, step: int, total: int) -> float:
+class Schedule(Protocol):
+    """What the schedule reads: TrainConfig and SharedTrainConfig both have it."""
+
+    @property
+    def learning_rate(self) -> float: ...
+
+    @property
+    def warmup_fraction(self) -> float: ...
+
+
+def learning_rate(config: Schedule, step: int, total: int) -> float:
+    """Linear warm-up over `warmup_fraction` of the steps, then cosine decay to zero."""
     warmup = max(1, int(config.warmup_fraction * total))
     if step < warmup:
         return config.learning_rate * (step + 1) / warmup
