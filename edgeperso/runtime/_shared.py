@@ -200,6 +200,10 @@ def train_shared(
             outputs = ["loss", *(f"grad.{n}" for n in names)]
             values = graph.run(outputs, step_feeds)
             grads = dict(zip(names, values[1:], strict=True))
+            if "global.head.w" in grads:
+                # Trained without a user, the head's rows that read the user embedding stay
+                # as they were: the global model must not depend on a history it never saw.
+                grads["global.head.w"][d:] = 0.0
             clip_by_global_norm(grads, config.max_grad_norm)
             optimizer.step(params, grads, learning_rate(config, step, total))
             losses.append(float(values[0]))

@@ -46,6 +46,9 @@ def test_training_the_global_level_lowers_the_loss_and_teaches_the_shared_model(
     assert result.texts == len({ex.text for ex in POOLED})
     moved = [n for n in result.params if not np.array_equal(result.params[n], before[n])]
     assert any(n.startswith("global.lora.") for n in moved)  # not only the head learned
+    # the head's rows that read the user embedding are left alone: no user took part
+    d = classifier.manifest.hidden_size
+    np.testing.assert_array_equal(result.params["global.head.w"][d:], before["global.head.w"][d:])
 
     classifier.install_shared(result.params)
     # texts it never saw: the shared model now tells the topics apart
