@@ -122,6 +122,8 @@ def train_shared(
     texts = [ex.text for ex in examples]
     check_texts(texts)
     for i, ex in enumerate(examples):
+        if ex.label is None:
+            raise InvalidInputError(f"example {i} has no label: pooled training needs one")
         model._check_label(ex.label, f"example {i}")
     start = time.perf_counter()
 

@@ -89,8 +89,17 @@ def test_the_time_budget_and_cancel_stop_training(classifier: Personalizer) -> N
         (None, []),
         (None, [Example("the cat", label="z")]),
         (None, [Example("   ", label="a")]),
+        (None, [Example("the cat", label="a"), Example("the dog")]),
     ],
-    ids=["user-level", "unknown", "none", "no-examples", "unknown-label", "blank-text"],
+    ids=[
+        "user-level",
+        "unknown",
+        "none",
+        "no-examples",
+        "unknown-label",
+        "blank-text",
+        "unlabelled",
+    ],
 )
 def test_bad_input_is_refused(
     classifier: Personalizer, names: list[str] | None, examples: list[Example]
