@@ -94,6 +94,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--global-learning-rate", type=float, default=5e-4)
     ev.add_argument(
+        "--save-global",
+        type=Path,
+        help="write the fitted (or trained) global level to this .safetensors file",
+    )
+    ev.add_argument(
+        "--global-params",
+        type=Path,
+        help="load the global level from a file --save-global wrote on the same data, "
+        "split and bundle, instead of fitting it (skips --global-epochs' training)",
+    )
+    ev.add_argument(
         "--knn-k",
         help="neighbour counts of the retrieval candidates in on-device training, e.g. 5,15 "
         "('' offers none; default: TrainConfig's)",
@@ -248,6 +259,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         global_learning_rate=args.global_learning_rate,
         seed=args.seed,
         feature_cache=str(args.feature_cache) if args.feature_cache else None,
+        global_params=str(args.global_params) if args.global_params else None,
+        save_global=str(args.save_global) if args.save_global else None,
     )
     rows = read_table(args.data, texts=args.texts, join_on=args.join_on)
     with _progress(args.quiet) as advance:

@@ -88,6 +88,13 @@ class EvalConfig:
     matrices) and head, through its train graph, for that many passes over every training
     row (`Personalizer.train_shared`), starting from the cross-validated head; the head is
     then cross-validated again on the trained model's features.
+
+    `save_global` writes the global level the run fitted (or trained) to a file
+    (`Personalizer.save_shared`), stamped with a digest of the training rows it saw;
+    `global_params` loads such a file instead of fitting, so that one trained global level
+    serves several evaluations of the personal level. A file stamped with other training
+    rows (another data set, split, seed or test fraction) is refused: its test rows might
+    not be held out.
     """
 
     user_column: str = "user"
@@ -107,6 +114,8 @@ class EvalConfig:
     head_folds: int = 5
     global_epochs: float = 0.0  # 0: the global level is the linear head on base features
     global_learning_rate: float = 5e-4
+    global_params: str | None = None  # load the global level from this file, fit nothing
+    save_global: str | None = None  # write the fitted/trained global level to this file
     bootstrap: int = 2000
     seed: int = 0
     # Base features of the data set's texts, kept between runs on the same data and bundle.
@@ -136,8 +145,14 @@ class EvalConfig:
         ):
             _int(getattr(self, name), name, low)
         _int(self.seed, "seed", 0)
-        if self.feature_cache is not None and not isinstance(self.feature_cache, str):
-            raise InvalidInputError("EvalConfig.feature_cache must be a path (str) or None")
+        for name in ("feature_cache", "global_params", "save_global"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidInputError(f"EvalConfig.{name} must be a path (str) or None")
+        if self.global_params is not None and self.global_epochs > 0:
+            raise InvalidInputError(
+                "EvalConfig.global_params loads a trained global level and global_epochs "
+                "trains one: set one of them"
+            )
         if self.max_users is not None:
             _int(self.max_users, "max_users", 1)
         object.__setattr__(self, "cold_start", tuple(sorted(set(self.cold_start))))

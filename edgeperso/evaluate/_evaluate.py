@@ -24,12 +24,14 @@ from edgeperso.evaluate._data import Record, UserSplit, read_table, split_users,
 from edgeperso.evaluate._global import fit_global_head
 from edgeperso.evaluate._report import ColdStartPoint, EvalReport, UserResult, machine_info
 from edgeperso.runtime import Personalizer, SharedTrainConfig, _params
+from edgeperso.runtime._shared import file_sha256, load_shared_file
 from edgeperso.store import Example, RawKey, Store
 
 log = logging.getLogger(__name__)
 
 # A user the evaluation never gives data to: no adapter, no history, i.e. the shared model.
 GLOBAL_USER = "__edgeperso_eval_global__"
+TRAINED_ON = "trained_on_rows"  # metadata of a saved global level: digest of its rows
 _CHUNK = 32  # texts per inference call (progress granularity)
 
 
@@ -164,11 +166,30 @@ class _Run:
     def fit_global(self, splits: Mapping[str, UserSplit]) -> dict[str, Any]:
         """Fit the global head on base features of every user's training rows and install
         it; with `global_epochs`, then train the global LoRA and head on those rows and
-        cross-validate the head again on the trained model's features."""
+        cross-validate the head again on the trained model's features. With
+        `global_params`, install a saved global level instead; with `save_global`, save
+        the one fitted."""
         rows = [r for split in splits.values() for r in split.train]
+        if self.config.global_params is not None:
+            return self._load_global(rows, self.config.global_params)
         report = self._fit_head(rows)
-        if self.config.global_epochs <= 0:
-            return report
+        if self.config.global_epochs > 0:
+            report = self._train_global(rows, report)
+        if self.config.save_global is not None:
+            sha = self.model.save_shared(
+                self.config.save_global,
+                {
+                    TRAINED_ON: _rows_digest(rows),
+                    "rows": str(len(rows)),
+                    "by": "edgeperso evaluate",
+                },
+            )
+            report["saved_to"] = {"path": self.config.save_global, "sha256": sha}
+        return report
+
+    def _train_global(self, rows: Sequence[Record], report: dict[str, Any]) -> dict[str, Any]:
+        """Train the global LoRA and head from the installed head, install them and
+        cross-validate the head again on the trained model's features."""
         examples = [Example(r.text, label=r.label) for r in rows]
         trained = self.model.train_shared(
             examples,
@@ -203,6 +224,29 @@ class _Run:
             "truncated_texts": trained.truncated_texts,
         }
         return refit
+
+    def _load_global(self, rows: Sequence[Record], path: str) -> dict[str, Any]:
+        """Install a saved global level, after checking it saw exactly these training rows."""
+        params, metadata = load_shared_file(path, self.model.bundle_identity)
+        stamp = metadata.get(TRAINED_ON)
+        if stamp is not None and stamp != _rows_digest(rows):
+            raise InvalidInputError(
+                f"{path} was fitted on other training rows than this run's (another data "
+                "set, split, seed or test fraction): this run's test rows may not be held "
+                "out from it. Fit it again with save_global on this configuration"
+            )
+        if stamp is None:
+            log.warning("%s does not say which rows it was trained on", path)
+        self.model.install_shared(params)
+        return {
+            "train_rows": len(rows),
+            "loaded_from": {
+                "path": path,
+                "sha256": file_sha256(Path(path)),
+                "metadata": metadata,
+                "same_training_rows": None if stamp is None else True,
+            },
+        }
 
     def _fit_head(self, rows: Sequence[Record]) -> dict[str, Any]:
         """Cross-validate and install the global head on the current model's features."""
@@ -386,6 +430,15 @@ class _Run:
         for name in names:
             digest.update(name.encode() + np.ascontiguousarray(params[name]).tobytes())
         return digest.digest()
+
+
+def _rows_digest(rows: Sequence[Record]) -> str:
+    """SHA-256 of the (user, text, label) triples a global level was fitted on, in a
+    canonical order: the stamp that ties a saved global level to one training split."""
+    digest = hashlib.sha256()
+    for line in sorted(f"{r.user}\x1f{r.text}\x1f{r.label}" for r in rows):
+        digest.update(line.encode() + b"\x1e")
+    return digest.hexdigest()
 
 
 def _summaries(

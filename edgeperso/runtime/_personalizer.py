@@ -387,6 +387,28 @@ class Personalizer:
             self, examples, names, config or SharedTrainConfig(), on_progress, cancel
         )
 
+    def save_shared(
+        self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+    ) -> str:
+        """Write the persona/global parameters in use to `path`: a safetensors file tied to
+        this bundle, with `metadata` (str -> str) beside them. Returns its SHA-256. The file
+        holds no user data: it is what `train_shared` produced, for other devices to
+        `load_shared`.
+
+            model.install_shared(model.train_shared(seed_examples).params)
+            model.save_shared("global-v2.safetensors", {"trained_on": "seed set 2026-11"})
+        """
+        return _shared.save_shared_file(path, self._shared, self.bundle_identity, metadata)
+
+    def load_shared(self, path: str | os.PathLike[str]) -> dict[str, str]:
+        """Install the persona/global parameters of a file `save_shared` wrote for this
+        bundle (validated as `install_shared` does); returns the file's metadata. A file
+        made for another bundle, or not such a file, raises InvalidInputError and installs
+        nothing."""
+        params, metadata = _shared.load_shared_file(path, self.bundle_identity)
+        self.install_shared(params)
+        return metadata
+
     # -- training ---------------------------------------------------------------------------
 
     def train(

@@ -8,19 +8,29 @@ parameters only, and federated rounds send clipped, masked deltas.
 
 The layers below the first LoRA layer are frozen, so their output (the graph's `prefix`)
 is computed once per distinct text; each step then runs only the adapted layers.
+
+`save_shared_file` / `load_shared_file` keep the result: a safetensors file tied to the
+bundle it was trained for (the persona/global level a server ships, or an evaluation
+reuses). It holds shared parameters only, never a user's, so it is not encrypted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
-from edgeperso._errors import InvalidInputError, UnsupportedError
+from edgeperso._errors import InvalidInputError, StorageError, UnsupportedError
 from edgeperso.runtime import _params
 from edgeperso.runtime._params import Params
 from edgeperso.runtime._tokenize import check_texts
@@ -230,6 +240,76 @@ def train_shared(
         truncated_texts=truncated,
         stopped=stopped,
     )
+
+
+SHARED_FILE_FORMAT = "edgeperso.shared/1"  # the `format` entry of a shared-parameters file
+
+
+def save_shared_file(
+    path: str | os.PathLike[str],
+    params: Mapping[str, np.ndarray],
+    bundle_identity: str,
+    metadata: Mapping[str, str] | None = None,
+) -> str:
+    """Write `params` to `path` (safetensors) with the bundle identity they belong to and
+    `metadata`; atomically (a temporary file renamed over `path`). Returns the file's
+    SHA-256 (hex)."""
+    extra = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise InvalidInputError("metadata must map str to str")
+    reserved = {"format", "bundle_identity"} & set(extra)
+    if reserved:
+        raise InvalidInputError(f"metadata may not set {sorted(reserved)}: they are written here")
+    target = Path(path)
+    tensors = {name: np.ascontiguousarray(value, np.float32) for name, value in params.items()}
+    header = {"format": SHARED_FILE_FORMAT, "bundle_identity": bundle_identity, **extra}
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+        os.close(fd)
+        try:
+            safetensors.numpy.save_file(tensors, tmp, metadata=header)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:
+        raise StorageError(f"cannot write {target}: {exc}") from exc
+    return file_sha256(target)
+
+
+def load_shared_file(
+    path: str | os.PathLike[str], bundle_identity: str
+) -> tuple[Params, dict[str, str]]:
+    """(parameters, metadata) of a file `save_shared_file` wrote for this bundle identity.
+    InvalidInputError when it is missing, not such a file, or made for another bundle."""
+    source = Path(path)
+    if not source.is_file():
+        raise InvalidInputError(f"{source}: no such file (write one with save_shared)")
+    try:
+        with safetensors.safe_open(str(source), framework="numpy") as handle:
+            header = dict(handle.metadata() or {})
+            params = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (OSError, ValueError, safetensors.SafetensorError) as exc:
+        raise InvalidInputError(f"{source} is not a safetensors file ({exc})") from exc
+    if header.get("format") != SHARED_FILE_FORMAT:
+        raise InvalidInputError(
+            f"{source} is not a shared-parameters file (format {header.get('format')!r}, "
+            f"expected {SHARED_FILE_FORMAT!r})"
+        )
+    if header.get("bundle_identity") != bundle_identity:
+        raise InvalidInputError(
+            f"{source} holds parameters for another bundle (its graphs differ from this "
+            "one's): load it with the bundle it was trained for"
+        )
+    return params, header
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _number(value: object) -> bool:

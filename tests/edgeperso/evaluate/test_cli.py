@@ -59,6 +59,11 @@ def test_a_numeric_column_is_binarised_with_label_map(
         (["--knn-k", "0"], "TrainConfig.knn_k must be a tuple of ints >= 1"),
         (["--global-epochs", "-1"], "EvalConfig.global_epochs is out of range"),
         (["--global-learning-rate", "0"], "EvalConfig.global_learning_rate is out of range"),
+        (
+            ["--global-params", "g.safetensors", "--global-epochs", "1"],
+            "global_params loads a trained global level and global_epochs trains one",
+        ),
+        (["--global-params", "/nonexistent/g.safetensors"], "no such file"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(
@@ -92,3 +97,32 @@ def test_a_missing_bundle_exits_2(
 ) -> None:
     assert main(["evaluate", str(annotations_csv), "/nonexistent/bundle"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_a_saved_global_level_is_evaluated_again_without_refitting(
+    noyes_bundle: Path, annotations_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--save-global writes the trained global level; --global-params loads it in a second
+    run on the same split, which then fits and trains nothing at the global level and
+    serves every user the same global predictions. On another split it is refused."""
+    saved = tmp_path / "global.safetensors"
+    base = ["evaluate", str(annotations_csv), str(noyes_bundle), "--no-plots", *FAST]
+    first, second = tmp_path / "first", tmp_path / "second"
+    trained = ["--global-epochs", "1", "--global-learning-rate", "1e-2"]
+    assert main([*base, *trained, "--save-global", str(saved), "--out", str(first)]) == 0
+    assert main([*base, "--global-params", str(saved), "--out", str(second)]) == 0
+
+    one = json.loads((first / "report.json").read_text())
+    two = json.loads((second / "report.json").read_text())
+    assert one["global_head"]["adapter"]["steps"] > 0
+    loaded = two["global_head"]["loaded_from"]
+    assert loaded["sha256"] == one["global_head"]["saved_to"]["sha256"]
+    assert loaded["same_training_rows"] is True
+    assert loaded["metadata"]["rows"] == str(one["global_head"]["train_rows"])
+    assert "adapter" not in two["global_head"] and "selection" not in two["global_head"]
+    for a, b in zip(one["users"], two["users"], strict=True):
+        assert a["user"] == b["user"] and a["global_metrics"] == b["global_metrics"]
+
+    other_split = ["--seed", "1", "--out", str(tmp_path / "third")]
+    assert main([*base, "--global-params", str(saved), *other_split]) == 2
+    assert "fitted on other training rows" in capsys.readouterr().err
