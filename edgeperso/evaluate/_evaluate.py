@@ -58,6 +58,11 @@ def evaluate(
     config = config or EvalConfig()
     if not isinstance(config, EvalConfig):
         raise InvalidInputError("config must be an EvalConfig")
+    if config.save_global is not None and not Path(config.save_global).parent.is_dir():
+        # checked now rather than after the global level's minutes of training
+        raise InvalidInputError(
+            f"save_global: the folder of {config.save_global} does not exist; create it first"
+        )
     started = time.perf_counter()
     rows = read_table(data) if isinstance(data, str | os.PathLike) else list(data)
     loaded = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))

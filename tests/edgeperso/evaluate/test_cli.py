@@ -64,6 +64,7 @@ def test_a_numeric_column_is_binarised_with_label_map(
             "global_params loads a trained global level and global_epochs trains one",
         ),
         (["--global-params", "/nonexistent/g.safetensors"], "no such file"),
+        (["--save-global", "/nonexistent/g.safetensors"], "does not exist; create it first"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(
