@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 
 from edgeperso._errors import InvalidInputError, UnsupportedError
-from edgeperso.bundle import Bundle
+from edgeperso.bundle import Bundle, sha256_file
 from edgeperso.evaluate import _metrics
 from edgeperso.evaluate._config import EvalConfig
 from edgeperso.evaluate._data import Record, UserSplit, read_table, split_users, to_records
 from edgeperso.evaluate._global import fit_global_head
 from edgeperso.evaluate._report import ColdStartPoint, EvalReport, UserResult, machine_info
 from edgeperso.runtime import Personalizer, SharedTrainConfig, _params
-from edgeperso.runtime._shared import file_sha256, load_shared_file
+from edgeperso.runtime._shared import load_shared_file
 from edgeperso.store import Example, RawKey, Store
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class _Run:
             "train_rows": len(rows),
             "loaded_from": {
                 "path": path,
-                "sha256": file_sha256(Path(path)),
+                "sha256": sha256_file(Path(path)),
                 "metadata": metadata,
                 "same_training_rows": None if stamp is None else True,
             },

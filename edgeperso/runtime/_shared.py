@@ -17,7 +17,6 @@ reuses). It holds shared parameters only, never a user's, so it is not encrypted
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import tempfile
@@ -31,6 +30,7 @@ import safetensors
 import safetensors.numpy
 
 from edgeperso._errors import InvalidInputError, StorageError, UnsupportedError
+from edgeperso.bundle import sha256_file
 from edgeperso.runtime import _params
 from edgeperso.runtime._params import Params
 from edgeperso.runtime._tokenize import check_texts
@@ -274,7 +274,7 @@ def save_shared_file(
                 os.unlink(tmp)
     except OSError as exc:
         raise StorageError(f"cannot write {target}: {exc}") from exc
-    return file_sha256(target)
+    return sha256_file(target)
 
 
 def load_shared_file(
@@ -302,14 +302,6 @@ def load_shared_file(
             "one's): load it with the bundle it was trained for"
         )
     return params, header
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _number(value: object) -> bool:
