@@ -72,6 +72,11 @@ def _spawn(
     )
 
 
+def _exited(processes: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
+    """(exit code, stderr tail) of each process that has ended: why a round stalled."""
+    return [(p.returncode, p.communicate()[1][-2000:]) for p in processes if p.poll() is not None]
+
+
 def _published_model(server: Server, app: str, key: str, version: int) -> dict[str, np.ndarray]:
     from edgeperso.federation import FederationClient, FederationConfig
     from edgeperso.federation._wire import decode_tensors
@@ -101,7 +106,7 @@ def test_round_with_device_processes_publishes_the_mean_of_survivors_after_a_sig
         devices = [_spawn(server, app, key, tmp_path / f"dev{s}", s) for s in range(cohort - 1)]
         # The fifth device dies (SIGKILL) right after it sent its key shares.
         victim = _spawn(server, app, key, tmp_path / "dev4", 4, "--die-after", "shares")
-        assert victim.wait(timeout=60) == -9
+        assert victim.wait(timeout=60) == -9, victim.communicate()[1][-2000:]
         results = [d.communicate(timeout=90) for d in devices]
         outcomes = [json.loads(out) for out, _ in results]
         assert {o["status"] for o in outcomes} == {"published"}, [err[-2000:] for _, err in results]
@@ -135,11 +140,16 @@ def test_coordinator_killed_mid_round_restarts_and_the_round_completes(
         devices = [_spawn(server, app, key, tmp_path / f"dev{s}", s) for s in range(cohort - 1)]
         # The last device holds the round in unmasking: it uploaded, it has not revealed yet.
         held = _spawn(server, app, key, tmp_path / "dev3", 3, "--pause-after", "masked")
-        wait_until(
-            lambda: round_stage(server, app, round_id)["stage"] == "unmasking",
-            60,
-            "the round to reach the unmasking stage",
-        )
+        try:
+            wait_until(
+                lambda: round_stage(server, app, round_id)["stage"] == "unmasking",
+                60,
+                "the round to reach the unmasking stage",
+            )
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}; devices that exited: {_exited([*devices, held])}"
+            ) from None
         server.kill()  # SIGKILL: no shutdown hooks run
         server.start()  # same port, same database
         assert held.stdin is not None
@@ -161,7 +171,7 @@ def test_device_killed_by_the_os_resumes_after_restart_and_is_counted(
     round_id = open_round(server, app, cohort_size=3, min_survivors=3, stage_timeout_s=20)
     devices = [_spawn(server, app, key, tmp_path / f"dev{s}", s) for s in range(2)]
     first = _spawn(server, app, key, tmp_path / "dev2", 2, "--die-after", "join")
-    assert first.wait(timeout=60) == -9
+    assert first.wait(timeout=60) == -9, first.communicate()[1][-2000:]
     again = _spawn(server, app, key, tmp_path / "dev2", 2, "--resume")
     outcomes = [json.loads(d.communicate(timeout=90)[0]) for d in [*devices, again]]
     assert {o["status"] for o in outcomes} == {"published"}
