@@ -264,7 +264,7 @@ def save_shared_file(
     tensors = {name: np.ascontiguousarray(value, np.float32) for name, value in params.items()}
     header = {"format": SHARED_FILE_FORMAT, "bundle_identity": bundle_identity, **extra}
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         os.close(fd)
         try:
             safetensors.numpy.save_file(tensors, tmp, metadata=header)
