@@ -109,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         help="neighbour counts of the retrieval candidates in on-device training, e.g. 5,15 "
         "('' offers none; default: TrainConfig's)",
     )
+    ev.add_argument(
+        "--selection-se",
+        type=float,
+        help="standard errors by which a user's candidate must beat the shared model to be "
+        "kept: higher keeps fewer users' personal models, and makes fewer worse (default: "
+        "TrainConfig's)",
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-plots", action="store_true", help="write the JSON only")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
@@ -227,12 +234,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         l2 = tuple(float(v) for v in args.global_l2.replace(" ", "").split(",") if v)
     except ValueError:
         raise InvalidInputError("--global-l2 takes numbers, e.g. 0.01,0.1,1") from None
-    retrieval: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
     if args.knn_k is not None:
         try:
-            retrieval["knn_k"] = tuple(int(k) for k in args.knn_k.replace(" ", "").split(",") if k)
+            overrides["knn_k"] = tuple(int(k) for k in args.knn_k.replace(" ", "").split(",") if k)
         except ValueError:
             raise InvalidInputError("--knn-k takes integers, e.g. 5,15 ('' for none)") from None
+    if args.selection_se is not None:
+        overrides["selection_se"] = args.selection_se
     weighting = {"cv": (True, False), "on": (True,), "off": (False,)}
     config = EvalConfig(
         user_column=args.user_column,
@@ -251,7 +260,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             learning_rate=args.learning_rate,
             adapter=args.adapter,
             seed=args.seed,
-            **retrieval,
+            **overrides,
         ),
         head_l2=l2,
         head_class_weighting=weighting[args.global_class_weighting],

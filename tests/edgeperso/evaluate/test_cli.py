@@ -19,7 +19,7 @@ def test_evaluate_writes_the_json_report_and_the_plots(
 ) -> None:
     out = tmp_path / "out"
     head = ["--global-l2", "0.5, 2", "--global-class-weighting", "off", "--knn-k", ""]
-    head += ["--global-epochs", "1", "--global-learning-rate", "1e-3"]
+    head += ["--global-epochs", "1", "--global-learning-rate", "1e-3", "--selection-se", "2.5"]
     args = ["evaluate", str(annotations_csv), str(noyes_bundle), "--out", str(out), *head]
     assert main([*args, *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -32,6 +32,7 @@ def test_evaluate_writes_the_json_report_and_the_plots(
     assert report["global_head"]["adapter"]["learning_rate"] == 1e-3
     assert report["config"]["cold_start"] == []
     assert report["config"]["train"]["knn_k"] == []  # no retrieval candidate offered
+    assert report["config"]["train"]["selection_se"] == 2.5
     assert all(user["stage"] != "knn" for user in report["users"])
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "per_user.png").stat().st_size > 0
@@ -57,6 +58,8 @@ def test_a_numeric_column_is_binarised_with_label_map(
         (["--global-l2", "-1"], "EvalConfig.head_l2 is out of range"),
         (["--knn-k", "5,many"], "--knn-k takes integers"),
         (["--knn-k", "0"], "TrainConfig.knn_k must be a tuple of ints >= 1"),
+        (["--selection-se", "-1"], "TrainConfig.selection_se must be >= 0"),
+        (["--selection-se", "nan"], "TrainConfig.selection_se must be a number (not NaN)"),
         (["--global-epochs", "-1"], "EvalConfig.global_epochs is out of range"),
         (["--global-learning-rate", "0"], "EvalConfig.global_learning_rate is out of range"),
         (
