@@ -11,16 +11,45 @@
 Rounds: `RoundConfig` (POST /v1/admin/rounds). Protocol and threat model: docs/federated.md.
 """
 
-from edgeperso_federated._admin import (
-    AdminClient,
-    LedgerEntry,
-    OpenedRound,
-    RoundState,
-    initial_model,
-)
-from edgeperso_federated._app import create_app
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from edgeperso_federated._config import CoordinatorConfig, RoundConfig
-from edgeperso_federated._rounds import Coordinator
+
+if TYPE_CHECKING:
+    from edgeperso_federated._admin import (
+        AdminClient,
+        LedgerEntry,
+        OpenedRound,
+        RoundState,
+        initial_model,
+    )
+    from edgeperso_federated._app import create_app
+    from edgeperso_federated._rounds import Coordinator
+
+# The coordinator's modules bring SQLAlchemy, FastAPI, httpx and dp-accounting (~1-2 s to
+# import). A Flower ClientApp process imports this package for the device side only, once
+# per message Flower hands it, so those load on first use of their names (PEP 562).
+_LAZY = {
+    "AdminClient": "_admin",
+    "LedgerEntry": "_admin",
+    "OpenedRound": "_admin",
+    "RoundState": "_admin",
+    "initial_model": "_admin",
+    "create_app": "_app",
+    "Coordinator": "_rounds",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AdminClient",

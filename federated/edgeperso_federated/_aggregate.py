@@ -51,6 +51,12 @@ def secure_sum(
     return decode_fixed_point(ring_sum, scale)
 
 
+def fixed_point_error(contributors: int, scale: float) -> float:
+    """The most a decoded fixed-point sum of `contributors` values can be off: each value is
+    rounded to the nearest multiple of 1/scale."""
+    return contributors * 0.5 / scale
+
+
 def add_noise(total: np.ndarray, config: RoundConfig, rng: np.random.Generator) -> np.ndarray:
     if config.noise_multiplier == 0:
         return total
@@ -58,9 +64,18 @@ def add_noise(total: np.ndarray, config: RoundConfig, rng: np.random.Generator) 
     return total + rng.normal(0.0, std, size=total.shape)
 
 
-def means_of_sum(total: np.ndarray, layout: PersonaLayout, config: RoundConfig) -> Means:
+def means_of_sum(
+    total: np.ndarray, layout: PersonaLayout, config: RoundConfig, weight_error: float = 0.0
+) -> Means:
+    """Per-block means of a summed contribution vector.
+
+    A persona whose summed weight is below `min_persona_weight` keeps its parameters.
+    `weight_error` is the most the encoding of a secure sum can have moved a summed weight
+    down: without it, a persona exactly at the floor (one device of weight 1, the default
+    floor) would be updated or not at random, depending on how its weight was rounded.
+    """
     global_sum, persona_sums, summary_sums, weights = layout.unpack(total)
-    floor = config.min_persona_weight
+    floor = config.min_persona_weight - weight_error
     all_weight = float(weights.sum())
     global_mean = global_sum / all_weight if all_weight >= floor else None
     ok = (weights >= floor)[:, None]

@@ -599,8 +599,12 @@ class Coordinator:
             total = self._unmask(conn, row, layout, config)
             if total is None:
                 return None
+            scale = fixed_point_scale(config.cohort_size, config.value_bound)
             means = _aggregate.means_of_sum(
-                _aggregate.add_noise(total, config, self._rng), layout, config
+                _aggregate.add_noise(total, config, self._rng),
+                layout,
+                config,
+                weight_error=_aggregate.fixed_point_error(config.cohort_size, scale),
             )
         else:
             plain = self._plain_uploads(conn, round_id, layout, config)

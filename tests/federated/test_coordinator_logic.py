@@ -12,7 +12,14 @@ import sqlalchemy as sa
 from _fixtures import ADMIN_TOKEN, LAYOUT, contribution, initial_model, model_payload
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
 from dp_accounting.rdp import RdpAccountant
-from edgeperso_federated import Coordinator, CoordinatorConfig, RoundConfig, _db, _rounds
+from edgeperso_federated import (
+    Coordinator,
+    CoordinatorConfig,
+    RoundConfig,
+    _aggregate,
+    _db,
+    _rounds,
+)
 from edgeperso_federated._db import masked_sums, uploads
 from edgeperso_federated._errors import RoundConflictError
 from edgeperso_federated._rounds import Device
@@ -98,6 +105,22 @@ def test_persona_sums_and_counts_match_a_plain_computation(coordinator: Coordina
         np.testing.assert_allclose(model["centroids"][p], summaries[p] / weights[p], atol=1e-5)
     # The frozen shared LoRA A is never averaged: it stays bit-identical.
     np.testing.assert_array_equal(model["shared_lora_a"], start["shared_lora_a"])
+
+
+def test_a_persona_at_the_weight_floor_is_updated_despite_the_sums_rounding() -> None:
+    """A secure sum decodes a summed weight of exactly min_persona_weight as a hair below it;
+    within the encoding's error bound it still counts, beyond it it does not."""
+    config = RoundConfig(app_id="a", model_version=0, cohort_size=4, min_survivors=3)
+    total = np.zeros(LAYOUT.length)
+    total[LAYOUT.global_size + LAYOUT.block_size - 1] = 1.0 - 1e-9  # persona 0's weight
+    total[LAYOUT.global_size : LAYOUT.global_size + LAYOUT.persona_size] = 0.5
+    error = _aggregate.fixed_point_error(4, 2.0**20)  # 4 values rounded to steps of 2^-20
+    assert np.isnan(_aggregate.means_of_sum(total, LAYOUT, config).persona_means[0]).all()
+    means = _aggregate.means_of_sum(total, LAYOUT, config, weight_error=error)
+    np.testing.assert_allclose(means.persona_means[0], 0.5 / (1.0 - 1e-9))
+    total[LAYOUT.global_size + LAYOUT.block_size - 1] = 1.0 - 2 * error
+    means = _aggregate.means_of_sum(total, LAYOUT, config, weight_error=error)
+    assert np.isnan(means.persona_means[0]).all()
 
 
 def test_dp_epsilon_per_round_matches_dp_accounting_and_the_budget_stops_rounds(

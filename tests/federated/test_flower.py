@@ -376,6 +376,28 @@ def test_secaggplus_is_sized_from_cohort_and_target_dropout() -> None:
         secaggplus_workflow(config("pair", secure=True, cohort_size=2, min_survivors=2))
 
 
+def test_a_persona_at_the_weight_floor_is_updated_whichever_way_secaggplus_rounds() -> None:
+    """SecAgg+'s stochastic rounding returns one device's weight of 1 (the default
+    min_persona_weight) as 1 minus a quantization step about one time in five; the persona
+    must be updated either way, as a plain round would."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    cfg = config("floor", secure=True)
+    q = quantization_range(NODES)
+    weights = {
+        float(dequantize(quantize([np.array([1.0])], 2.5, q), 2.5, q)[0][0]) for _ in range(200)
+    }
+    assert min(weights) < 1.0 <= max(weights)  # both ways, with Flower's own functions
+    start = LAYOUT.global_size
+    for weight in sorted(weights):
+        total = np.zeros(LAYOUT.length)
+        total[start : start + LAYOUT.persona_size] = 0.5 * weight  # one device's persona delta
+        total[start + LAYOUT.block_size - 1] = weight
+        published = FlowerRounds(initial_model(), LAYOUT, cfg).publish_sum(1, total, 1)
+        key = persona_key(0, "persona_head")
+        np.testing.assert_allclose(published.model[key], initial_model()[key] + 0.5, atol=1e-6)
+
+
 def test_the_device_package_never_imports_flower() -> None:
     code = (
         "import sys, edgeperso, edgeperso.federation, edgeperso_federated\n"

@@ -10,16 +10,48 @@ as a ServerApp, the device as a ClientApp, Flower's SecAgg+ for secure aggregati
 Mapping to the coordinator and how to run it: docs/flower.md.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from edgeperso_federated.flower._client_app import LocalUpdate, Train, client_app
 from edgeperso_federated.flower._records import PLAIN_TRAIN, model_record
-from edgeperso_federated.flower._rounds import FlowerRounds, PublishedRound
-from edgeperso_federated.flower._server_app import run_rounds, server_app
-from edgeperso_federated.flower._strategy import (
-    PlainStrategy,
-    SecAggStrategy,
-    quantization_range,
-    secaggplus_workflow,
-)
+
+if TYPE_CHECKING:
+    from edgeperso_federated.flower._rounds import (
+        FlowerRounds,
+        PublishedRound,
+        quantization_range,
+    )
+    from edgeperso_federated.flower._server_app import run_rounds, server_app
+    from edgeperso_federated.flower._strategy import (
+        PlainStrategy,
+        SecAggStrategy,
+        secaggplus_workflow,
+    )
+
+# The server side (the coordinator's aggregation, dp-accounting, SQLAlchemy) loads on first
+# use: Flower starts a ClientApp process per message, and the device needs none of it.
+_LAZY = {
+    "FlowerRounds": "_rounds",
+    "PublishedRound": "_rounds",
+    "quantization_range": "_rounds",
+    "run_rounds": "_server_app",
+    "server_app": "_server_app",
+    "PlainStrategy": "_strategy",
+    "SecAggStrategy": "_strategy",
+    "secaggplus_workflow": "_strategy",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PLAIN_TRAIN",

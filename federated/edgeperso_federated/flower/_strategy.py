@@ -49,17 +49,9 @@ from edgeperso_federated.flower._records import (
     model_list,
     model_record,
 )
-from edgeperso_federated.flower._rounds import FlowerRounds
+from edgeperso_federated.flower._rounds import FlowerRounds, quantization_range
 
 logger = logging.getLogger(__name__)
-
-_MODULUS_BITS = 32  # Flower's default modulus_range, 2**32
-
-
-def quantization_range(cohort: int) -> int:
-    """Flower's SecAgg+ quantizes each value to [0, q] and sums `cohort` of them, plus a weight
-    factor of q each, modulo 2**32: the largest power of two q whose sums cannot wrap."""
-    return 1 << math.floor(math.log2((2**_MODULUS_BITS - 1) / cohort))
 
 
 def secaggplus_workflow(config: RoundConfig) -> SecAggPlusWorkflow:

@@ -1,0 +1,1 @@
+"""EdgePerso's Flower ServerApp and ClientApp as a deployment runs them (test app)."""
