@@ -14,6 +14,9 @@ import pytest
 # Tests never reach a model hub: every model they use ships inside a package or is built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# And nothing about the test machine is queued for onnxruntime's telemetry, whichever module
+# imports onnxruntime first (edgeperso turns it off too: test_privacy.py).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # One short training bucket keeps the session quick; the CLI default exports three.
 FAST: dict[str, tuple[int, ...]] = {"seq_buckets": (32,)}

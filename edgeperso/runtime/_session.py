@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from edgeperso._errors import InvalidInputError
+from edgeperso._onnxruntime import ort
 
 Feeds = Mapping[str, np.ndarray]
 

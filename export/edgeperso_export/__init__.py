@@ -5,6 +5,8 @@ export_bundle("path/to/model", "bundle/", ExportConfig(task="classification",
                                                        labels=("neg", "pos")))
 """
 
+# First: onnxruntime (also under optimum) must start with its telemetry off (see there).
+import edgeperso._onnxruntime  # noqa: F401
 from edgeperso_export._config import ExportConfig, ParityThresholds
 from edgeperso_export._errors import ExportError, ParityError
 from edgeperso_export._export import export_bundle

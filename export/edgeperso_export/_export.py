@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime
 import torch
 import transformers
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
 import edgeperso
+from edgeperso._onnxruntime import ort
 from edgeperso.bundle import (
     INFER_GRAPH,
     MANIFEST,
@@ -465,7 +465,7 @@ def _versions() -> dict[str, str]:
 
     return {
         "edgeperso": edgeperso.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": ort.__version__,
         "onnx": onnx.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

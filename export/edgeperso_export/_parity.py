@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from edgeperso._onnxruntime import ort
 from edgeperso.bundle import ParityCheck
 from edgeperso_export._config import ExportConfig
 from edgeperso_export._graphs import TRAIN_BATCH

@@ -4,6 +4,9 @@ the disk, and no log record or error message carries user text or labels."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +90,42 @@ def test_an_unknown_label_is_refused_without_echoing_it(classifier: Personalizer
         classifier.add_examples("alice", [Example("text", label=MARKER)])
     assert MARKER not in str(refused.value)
     assert "labels" in str(refused.value)  # it still says what is accepted
+
+
+ORT_TELEMETRY = Path(".cache", "Microsoft", "DeveloperTools", ".onnxruntime")
+USE_THE_RUNTIME = """
+import sys
+from edgeperso import Personalizer, RawKey, Store
+with Store.open(sys.argv[2], RawKey(bytes(32))) as store:
+    print(Personalizer.open(sys.argv[1], store).predict("alice", ["a text"])[0].label)
+"""
+
+
+def _run_with_home(home: Path, bundle: Path, **env: str) -> list[Path]:
+    """Open a Personalizer and predict in a fresh interpreter whose HOME is `home`; the
+    files onnxruntime's telemetry left there (a device id, an event queue)."""
+    home.mkdir()
+    child_env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    child_env |= {"HOME": str(home), **env}
+    subprocess.run(
+        [sys.executable, "-c", USE_THE_RUNTIME, str(bundle), str(home / "profile.db")],
+        env=child_env,
+        check=True,
+        capture_output=True,
+    )
+    return files_under(home / ORT_TELEMETRY) if (home / ORT_TELEMETRY).exists() else []
+
+
+def test_onnxruntime_telemetry_is_off_unless_the_app_turns_it_on(
+    tiny_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """onnxruntime's Linux and macOS wheels keep a device id and queue usage events for
+    upload by default; edgeperso starts onnxruntime with them off. An app that sets
+    ORT_DISABLE_TELEMETRY itself keeps its choice, which is also the control: with it at 0
+    the same run leaves telemetry files, so the first assertion can fail."""
+    bundle = tiny_bundles["classification"]
+    assert _run_with_home(tmp_path / "default", bundle) == []
+    recorded = _run_with_home(tmp_path / "opted-in", bundle, ORT_DISABLE_TELEMETRY="0")
+    if not recorded:
+        pytest.skip("this onnxruntime build records no telemetry: nothing to turn off")
+    assert {p.name for p in recorded} >= {"deviceid"}
