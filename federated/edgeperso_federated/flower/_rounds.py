@@ -99,8 +99,8 @@ class FlowerRounds:
     def publish_sum(self, server_round: int, total: np.ndarray, survivors: int) -> PublishedRound:
         """A secure round: `total` [L] is the survivors' summed contribution vectors."""
         noisy = _aggregate.add_noise(total, self.config, self._rng)
-        # SecAgg+ rounds each value stochastically to a step of 2 x value_bound / q: a summed
-        # weight of exactly 1 comes back as 1 - 3.7e-9 about one time in five.
+        # SecAgg+ rounds each value stochastically to a step of 2 x value_bound / q: one
+        # device's weight of exactly 1 comes back a few 1e-9 below it about one time in five.
         step = 2 * self.config.value_bound / quantization_range(self.config.cohort_size)
         means = _aggregate.means_of_sum(
             noisy, self.layout, self.config, weight_error=survivors * step
