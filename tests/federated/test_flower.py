@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")  # no call to api.flower.ai
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import dataclasses
