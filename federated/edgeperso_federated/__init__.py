@@ -13,10 +13,10 @@ Rounds: `RoundConfig` (POST /v1/admin/rounds). Protocol and threat model: docs/f
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from edgeperso_federated._config import CoordinatorConfig, RoundConfig
+from edgeperso_federated._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from edgeperso_federated._admin import (
@@ -42,13 +42,7 @@ _LAZY = {
     "Coordinator": "_rounds",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

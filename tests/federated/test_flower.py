@@ -406,3 +406,15 @@ def test_the_device_package_never_imports_flower() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_client_app_imports_none_of_the_coordinator() -> None:
+    """Flower starts a ClientApp process per message: it loads the device side only."""
+    code = (
+        "import sys\n"
+        "from edgeperso_federated.flower import LocalUpdate, client_app\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'sqlalchemy', 'fastapi', 'uvicorn', 'dp_accounting', 'scipy'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -12,9 +12,9 @@ Mapping to the coordinator and how to run it: docs/flower.md.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from edgeperso_federated._lazy import lazy_exports
 from edgeperso_federated.flower._client_app import LocalUpdate, Train, client_app
 from edgeperso_federated.flower._records import PLAIN_TRAIN, model_record
 
@@ -44,13 +44,7 @@ _LAZY = {
     "secaggplus_workflow": "_strategy",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
