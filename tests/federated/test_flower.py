@@ -19,7 +19,7 @@ import dataclasses
 import subprocess
 import sys
 import time
-import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,53 +47,18 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from edgeperso import BudgetExhaustedError, InvalidInputError
-from edgeperso.federation import FederatedParam, PersonaLayout, RoundTask
+from edgeperso.federation import RoundTask
 from edgeperso.federation._layout import persona_key
 
-LAYOUT = PersonaLayout(
-    (
-        FederatedParam("head_bias", (4,), "global"),
-        FederatedParam("shared_lora_a", (3, 4), "global", trainable=False),
-        FederatedParam("shared_lora_b", (4, 3), "global"),
-        FederatedParam("persona_head", (3, 2), "persona"),
-    ),
-    num_personas=2,
-    summary_dim=3,
-)
-TRAINABLE = ("head_bias", "shared_lora_b", "persona_head")
-CENTROIDS = np.array([[2, 0, 0], [0, 2, 0]], dtype=np.float32)
+# The model and the devices' data are the deployment test's Flower app's (flower_app/).
+sys.path.insert(0, str(Path(__file__).parent / "flower_app"))
+from edgeperso_flwr_app.task import LAYOUT, device_data, initial_model
+
 NODES = 5
 DROPPED = 3  # leaves the dropout round after sharing its keys
 LEAKER = 4  # tries to send a user-level parameter in the "leak" round
 # DP rounds: noise multiplier, sampling probability, delta, and the seed of the server's noise.
 Z, Q, DELTA, SEED = 1.0, 0.1, 1e-5, 7
-
-
-def initial_model() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    model: dict[str, np.ndarray] = {}
-    for p in LAYOUT.params:
-        names = [p.name] if p.level == "global" else [persona_key(k, p.name) for k in range(2)]
-        for name in names:
-            model[name] = rng.normal(size=p.shape).astype(np.float32)
-    model["centroids"] = CENTROIDS.copy()
-    return model
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceData:
-    summary: np.ndarray  # [3]
-    delta: dict[str, np.ndarray]  # trainable name -> change made by local training
-    num_examples: int
-
-
-def device_data(node: int, scenario: str, server_round: int) -> DeviceData:
-    rng = np.random.default_rng([node, server_round, zlib.crc32(scenario.encode())])
-    summary = CENTROIDS[node % 2] + rng.normal(scale=0.3, size=3)
-    scale = 0.05 if node == 0 else 0.5  # node 0 stays under the clip norm, the others do not
-    shapes = {p.name: p.shape for p in LAYOUT.params}
-    delta = {name: rng.normal(scale=scale, size=shapes[name]) for name in TRAINABLE}
-    return DeviceData(summary, delta, num_examples=3 + node)
 
 
 def train(task: RoundTask, context: Context) -> LocalUpdate:

@@ -1,6 +1,7 @@
 """What both sides of the test app share: the model, the devices' data, the round configs.
 
-The test imports this module too, to compute the published model in numpy.
+test_flower_deployment.py imports this module too, to compute the published model in numpy,
+and test_flower.py (the simulation) uses the same model and devices' data.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class DeviceData:
     num_examples: int
 
 
-def device_data(node: int, scenario: str) -> DeviceData:
-    rng = np.random.default_rng([node, zlib.crc32(scenario.encode())])
+def device_data(node: int, scenario: str, server_round: int = 1) -> DeviceData:
+    rng = np.random.default_rng([node, server_round, zlib.crc32(scenario.encode())])
     summary = CENTROIDS[node % 2] + rng.normal(scale=0.3, size=3)
     scale = 0.05 if node == 0 else 0.5  # node 0 stays under the clip norm, the others do not
     shapes = {p.name: p.shape for p in LAYOUT.params}
