@@ -14,6 +14,8 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")  # no call to api.flower.ai
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# No GPUs here; without this ray warns that its default will change.
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 import dataclasses
 import subprocess
@@ -121,7 +123,15 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def run() -> Run:
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    # Flower writes a telemetry source id under FLWR_HOME (~/.flwr by default) even with
+    # telemetry off; keep it out of the real home.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
+        return _simulate()
+
+
+def _simulate() -> Run:
     rounds: dict[str, FlowerRounds] = {}
     published: dict[str, list[PublishedRound]] = {}
     seconds: dict[str, float] = {}
