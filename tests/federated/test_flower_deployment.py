@@ -1,8 +1,8 @@
 """EdgePerso's Flower apps on Flower's deployment engine: real processes on loopback.
 
 test_flower.py runs the apps in one process (ray simulation). Here a `flower-superlink` and
-three `flower-supernode`s (SecAgg+'s minimum) run as subprocesses, `--insecure` on 127.0.0.1,
-and `flwr run` submits the app in flower_app/ twice at once: a plain round and a SecAgg+
+three `flower-supernode`s (SecAgg+'s minimum) run as subprocesses on 127.0.0.1, over TLS with a
+certificate from a private CA (as in production; nothing runs `--insecure`), and `flwr run` submits the app in flower_app/ twice at once: a plain round and a SecAgg+
 round. The app is built into a FAB, installed under a temporary FLWR_HOME and imported by
 the `flwr-serverapp`/`flwr-clientapp` processes Flower starts; its ServerApp writes each
 published model to the `out-dir` of its run config, which is compared here with the same
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ pytest.importorskip(
     "flwr", reason="Flower is optional: pip install --no-deps -r federated/requirements-flower.txt"
 )
 
-from _fixtures import free_port, wait_until
+from _fixtures import free_port, issue_certificates, wait_until
 from edgeperso_federated.flower import quantization_range
 
 from edgeperso.federation._layout import persona_key
@@ -158,16 +159,21 @@ def deployment(
         pytest.skip(f"Flower's executables are not in {SCRIPTS}")
     deployment = Deployment(tmp_path_factory.mktemp("flower"))
     request.addfinalizer(deployment.stop)
+    ca, cert, key = issue_certificates(deployment.root)
     home = deployment.root / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n'
-        f'[superlink.test]\naddress = "{deployment.address}"\ninsecure = true\n'
+        f'[superlink.test]\naddress = "{deployment.address}"\nroot-certificates = "{ca}"\n\n'
+        # The same SuperLink without the CA: used to check that plaintext is refused.
+        f'[superlink.plaintext]\naddress = "{deployment.address}"\ninsecure = true\n'
     )
     superlink = deployment.start(
         "superlink",
         "flower-superlink",
-        "--insecure",
+        f"--ssl-ca-certfile={ca}",
+        f"--ssl-certfile={cert}",
+        f"--ssl-keyfile={key}",
         "--host=127.0.0.1",
         f"--port={deployment.port}",  # Fleet, Control and Runtime APIs, all HTTP
         # The app's dependencies are this environment's: no `uv sync` from the network.
@@ -177,7 +183,7 @@ def deployment(
         deployment.start(
             f"supernode-{node}",
             "flower-supernode",
-            "--insecure",
+            f"--root-certificates={ca}",
             f"--superlink={deployment.address}",
             f"--port={free_port()}",  # its Runtime API, for the ClientApp processes
             f"--node-config=partition-id={node}",
@@ -329,3 +335,25 @@ def test_flower_state_stays_in_the_temporary_flwr_home(
     assert installed.name.startswith("edgeperso.edgeperso-flwr-test.1.0.0.")
     assert (installed / "edgeperso_flwr_app" / "server_app.py").exists()
     assert not (deployment.root / "home" / ".flwr").exists()
+
+
+def test_the_superlink_serves_tls_only(deployment: Deployment, published: dict[str, Published]):
+    """`flwr` trusting the private CA lists both runs; the same call in plaintext is refused."""
+
+    def flwr_ls(connection: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SCRIPTS / "flwr"), "ls", connection, "--format=json"],
+            cwd=deployment.root,
+            env=deployment.env,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S,
+        )
+
+    # `flwr ls --format=json` exits 0 either way; its JSON says whether it succeeded.
+    listed = json.loads(flwr_ls("test").stdout)
+    assert listed["success"], listed
+    assert len(listed["runs"]) == len(SCENARIOS)
+    refused = json.loads(flwr_ls("plaintext").stdout)
+    assert not refused["success"]
+    assert "Connection to the SuperLink is unavailable" in refused["error-message"]
