@@ -96,15 +96,10 @@ class FederationClient:
     ) -> None:
         self._config = config
         self._state = state
-        verify: bool | ssl.SSLContext = True
-        if isinstance(config.verify_tls, str):  # a CA bundle to trust instead of the system's
-            verify = ssl.create_default_context(cafile=config.verify_tls)
-        else:
-            verify = config.verify_tls
         self._http = httpx.Client(
             base_url=config.coordinator_url,
             timeout=config.request_timeout_s,
-            verify=verify,
+            verify=tls_verify(config.verify_tls),
             transport=transport,
         )
 
@@ -164,6 +159,14 @@ class FederationClient:
         record = json.loads(meta["record"])
         task = RoundTask.from_json(record["task"], self._model(int(record["model_version"])))
         return self._run(record, tensors["payload"], task, timeout_s)
+
+    def enrol(self) -> None:
+        """Enrol this device again with `FederationConfig.enrolment_key`, replacing its saved
+        credential. Call it when a request raised KeyUnavailableError because the coordinator
+        no longer knows the device (its database was replaced, or the app registered again);
+        a round the device had joined is then missed."""
+        self._state.delete(_CREDENTIAL)
+        self._credential()
 
     def latest(self, summary: np.ndarray) -> tuple[int, dict[str, np.ndarray]]:
         """(version, parameters for the persona nearest `summary`) of the newest model."""
@@ -353,8 +356,26 @@ def _raise_for(response: httpx.Response) -> None:
     if status == 409:
         raise _StageClosedError
     if status in (401, 403):
-        raise KeyUnavailableError(f"the coordinator refused this device's credential: {detail}")
+        raise KeyUnavailableError(
+            f"the coordinator refused this device (HTTP {status}): {detail}; if it no longer "
+            "knows the device, FederationClient.enrol() enrols it again with "
+            "FederationConfig.enrolment_key"
+        )
     raise InvalidInputError(f"the coordinator rejected the request (HTTP {status}): {detail}")
+
+
+def tls_verify(verify_tls: bool | str) -> bool | ssl.SSLContext:
+    """httpx's `verify` for a `verify_tls` option: a path is a PEM CA bundle to trust instead
+    of the system's (a coordinator behind a private CA)."""
+    if not isinstance(verify_tls, str):
+        return verify_tls
+    try:
+        return ssl.create_default_context(cafile=verify_tls)
+    except OSError as exc:  # ssl.SSLError included: a file without a PEM certificate
+        raise InvalidInputError(
+            f"verify_tls: cannot load the CA bundle {verify_tls!r} ({exc}); give the path of "
+            "a PEM file holding the certificate of the CA that signed the coordinator's"
+        ) from exc
 
 
 def _task_json(task: RoundTask) -> dict[str, Any]:

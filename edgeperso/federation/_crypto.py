@@ -41,6 +41,23 @@ def generate_keypair() -> tuple[bytes, bytes]:
     return raw, public
 
 
+def check_public_key(public: bytes, what: str = "public key") -> None:
+    """InvalidInputError unless `public` is a usable X25519 public key: 32 bytes and not one of
+    the low-order points, with which every key agreement gives the same all-zero secret.
+
+    Every clamped private key is a multiple of the cofactor 8 below the prime subgroup's order,
+    so an agreement with a throw-away key fails exactly for the low-order points."""
+    if len(public) != KEY_BYTES:
+        raise InvalidInputError(f"{what} must be a {KEY_BYTES}-byte X25519 key")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError as exc:
+        raise InvalidInputError(
+            f"{what} is a low-order X25519 point, which makes every key agreement public; "
+            "send the public key of a freshly generated key pair"
+        ) from exc
+
+
 def agree(private: bytes, peer_public: bytes, info: bytes) -> bytes:
     """HKDF-SHA256 of the X25519 shared secret, bound to `info` (purpose and round)."""
     return agree_many(private, {0: peer_public}, info)[0]

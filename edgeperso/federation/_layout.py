@@ -14,6 +14,7 @@ LoRA A is not: it is identical on every device, so averaging B alone is exact (F
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,7 +48,7 @@ class FederatedParam:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -10,6 +10,7 @@ unpickled. The decoder is strict: it rejects anything a well-behaved writer woul
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -82,7 +83,7 @@ def decode_tensors(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     end_of_previous = 0
     for name, entry in sorted(header.items(), key=lambda item: _begin(item[0], item[1])):
         dtype, shape, begin, end = _entry(name, entry)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # Python integers: a huge shape cannot wrap around to 0
         if begin != end_of_previous or end - begin != count * dtype.itemsize or end > len(body):
             raise InvalidInputError(f"tensor {name!r} has inconsistent data offsets")
         tensors[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).copy()

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
         OpenedRound,
         RoundState,
         initial_model,
+        load_model,
+        save_model,
     )
     from edgeperso_federated._app import create_app
     from edgeperso_federated._rounds import Coordinator
@@ -38,6 +40,8 @@ _LAZY = {
     "OpenedRound": "_admin",
     "RoundState": "_admin",
     "initial_model": "_admin",
+    "load_model": "_admin",
+    "save_model": "_admin",
     "create_app": "_app",
     "Coordinator": "_rounds",
 }
@@ -55,4 +59,6 @@ __all__ = [
     "RoundState",
     "create_app",
     "initial_model",
+    "load_model",
+    "save_model",
 ]

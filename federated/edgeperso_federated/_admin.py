@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import ssl
+import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,9 +28,10 @@ import numpy as np
 
 from edgeperso import BudgetExhaustedError, EdgePersoError, InvalidInputError
 from edgeperso.federation import CoordinatorUnavailableError, PersonaLayout
+from edgeperso.federation._client import tls_verify
 from edgeperso.federation._layout import persona_key
 from edgeperso.federation._update import CENTROIDS
-from edgeperso.federation._wire import encode_tensors, expect_tensors
+from edgeperso.federation._wire import decode_tensors, encode_tensors, expect_tensors
 from edgeperso_federated._config import RoundConfig
 from edgeperso_federated._errors import (
     AuthError,
@@ -91,6 +93,37 @@ def initial_model(
     return model
 
 
+def save_model(
+    path: str | os.PathLike[str], layout: PersonaLayout, tensors: Mapping[str, np.ndarray]
+) -> None:
+    """Write a model version to a file for `edgeperso-coordinator put-model`: safetensors with
+    the layout in its metadata, as PUT /v1/admin/apps/{app}/models/{version} takes it."""
+    expect_tensors(tensors, layout.model_tensors())
+    Path(path).write_bytes(_model_payload(layout, tensors))
+
+
+def load_model(path: str | os.PathLike[str]) -> tuple[PersonaLayout, dict[str, np.ndarray]]:
+    """The layout and tensors of a model file that `save_model` wrote."""
+    try:
+        tensors, meta = decode_tensors(Path(path).read_bytes())
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read the model file {str(path)!r} ({exc})") from exc
+    try:
+        layout_json = json.loads(meta["layout"])
+    except (KeyError, ValueError) as exc:
+        raise InvalidInputError(
+            f"{str(path)!r} has no JSON 'layout' in its safetensors metadata; write the file "
+            "with edgeperso_federated.save_model"
+        ) from exc
+    layout = PersonaLayout.from_json(layout_json)
+    expect_tensors(tensors, layout.model_tensors())
+    return layout, tensors
+
+
+def _model_payload(layout: PersonaLayout, tensors: Mapping[str, np.ndarray]) -> bytes:
+    return encode_tensors(tensors, {"layout": json.dumps(layout.to_json())})
+
+
 class AdminClient:
     """The operator API of one coordinator, authenticated with its admin token."""
 
@@ -109,16 +142,11 @@ class AdminClient:
             raise InvalidInputError(
                 "admin_token is empty or not printable: pass the coordinator's admin token"
             )
-        verify: bool | ssl.SSLContext = True
-        if isinstance(verify_tls, str):  # a CA bundle to trust instead of the system's
-            verify = ssl.create_default_context(cafile=verify_tls)
-        else:
-            verify = verify_tls
         self._http = httpx.Client(
             base_url=url,
             headers={"Authorization": f"Bearer {admin_token}"},
             timeout=timeout_s,
-            verify=verify,
+            verify=tls_verify(verify_tls),
             transport=transport,
         )
 
@@ -145,11 +173,10 @@ class AdminClient:
         """Upload model `version` (global names, persona/<p>/<name>, centroids; see
         `initial_model`). Versions are immutable: an existing one is a RoundConflictError."""
         expect_tensors(tensors, layout.model_tensors())
-        payload = encode_tensors(tensors, {"layout": json.dumps(layout.to_json())})
         self._request(
             "PUT",
             f"/v1/admin/apps/{app_id}/models/{version}",
-            content=payload,
+            content=_model_payload(layout, tensors),
             headers={"Content-Type": "application/octet-stream"},
         )
 

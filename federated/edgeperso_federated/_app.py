@@ -349,7 +349,10 @@ def create_app(config: CoordinatorConfig, coordinator: Coordinator | None = None
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async def deadlines() -> None:
             while True:
-                coord.tick()
+                try:
+                    coord.tick()
+                except Exception:  # e.g. the database restarting: the next tick tries again
+                    logger.exception("checking stage deadlines failed; retrying next tick")
                 await asyncio.sleep(config.tick_s)
 
         task = asyncio.create_task(deadlines())

@@ -1,5 +1,5 @@
 """`edgeperso-coordinator`: serve the API, print its OpenAPI document, or act as the operator
-(create-app, create-round, status) against a running coordinator."""
+(create-app, put-model, create-round, status) against a running coordinator."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 import sys
 
 from edgeperso import EdgePersoError
-from edgeperso_federated._admin import AdminClient
+from edgeperso_federated._admin import AdminClient, load_model
 from edgeperso_federated._app import create_app
 from edgeperso_federated._config import CoordinatorConfig, RoundConfig
 
@@ -101,6 +101,12 @@ def _operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     app.add_argument("app_id")
     app.add_argument("--epsilon-budget", type=float, help="user-level DP budget (default: none)")
     app.add_argument("--delta", type=float, default=1e-6)
+    model = commands.add_parser(
+        "put-model", parents=[where], help="upload a model version from a save_model file"
+    )
+    model.add_argument("app_id")
+    model.add_argument("version", type=int, help="0 for the app's first model")
+    model.add_argument("file", help="written by edgeperso_federated.save_model (safetensors)")
     opened = commands.add_parser(
         "create-round", parents=[where], help="open a round; prints its id (JSON)"
     )
@@ -130,6 +136,9 @@ def _operator(args: argparse.Namespace, token: str, parser: argparse.ArgumentPar
                         args.app_id, epsilon_budget=args.epsilon_budget, delta=args.delta
                     )
                 )
+            elif args.command == "put-model":
+                admin.put_model(args.app_id, args.version, *load_model(args.file))
+                print(json.dumps({"app_id": args.app_id, "version": args.version}))
             elif config is not None:
                 print(json.dumps(dataclasses.asdict(admin.create_round(config))))
             elif args.wait > 0:

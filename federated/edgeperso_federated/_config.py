@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from edgeperso import InvalidInputError
 
+MAX_NOISE_MULTIPLIER = 1000.0
+
 
 def _require(ok: bool, what: str) -> None:
     if not ok:
@@ -64,16 +66,27 @@ class RoundConfig:
             value = getattr(self, name)
             _require(math.isfinite(value) and value > 0, f"{name} must be positive")
         _require(0 <= self.target_dropout < 0.5, "target_dropout must be in [0, 0.5)")
-        _require(self.noise_multiplier >= 0, "noise_multiplier must be >= 0")
+        _require(
+            math.isfinite(self.noise_multiplier)
+            and 0 <= self.noise_multiplier <= MAX_NOISE_MULTIPLIER,
+            f"noise_multiplier must be in [0, {MAX_NOISE_MULTIPLIER:g}] (0: no DP; 0.5 to 5 is "
+            "usual): more noise buries any cohort's update, and the accountant loses precision",
+        )
         _require(0 < self.sampling_probability <= 1, "sampling_probability must be in (0, 1]")
-        _require(self.weight_cap is None or self.weight_cap > 0, "weight_cap must be positive")
+        _require(
+            self.weight_cap is None or (math.isfinite(self.weight_cap) and self.weight_cap > 0),
+            "weight_cap must be a positive number of examples (or null: uniform weights)",
+        )
         _require(0 <= self.trim_fraction < 0.5, "trim_fraction must be in [0, 0.5)")
         _require(
             self.aggregator == "mean" or not self.secure,
             "trimmed_mean needs individual updates: use it only with secure=False",
         )
         _require(self.aggregator in ("mean", "trimmed_mean"), "aggregator: mean or trimmed_mean")
-        _require(self.min_persona_weight > 0, "min_persona_weight must be positive")
+        _require(
+            math.isfinite(self.min_persona_weight) and self.min_persona_weight > 0,
+            "min_persona_weight must be positive",
+        )
         _require(
             self.noise_multiplier == 0 or self.aggregator == "mean",
             "DP noise is calibrated for the mean aggregator",

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from edgeperso import BudgetExhaustedError, InvalidInputError
+from edgeperso import BudgetExhaustedError, EdgePersoError, InvalidInputError
+from edgeperso.federation._crypto import check_public_key
 from edgeperso.federation._layout import PersonaLayout
 from edgeperso.federation._secagg import (
     SHARE_BYTES,
@@ -59,6 +60,7 @@ FINAL = ("published", "aborted")
 _MAX_SEALED = 512  # bytes of one sealed share pair (nonce + 132 + tag, with room)
 _DIGESTS = ("join_digest", "shares_digest", "upload_digest", "reveal_digest")
 _ROUND_DATA = (uploads, masked_sums, shares, reveals)  # deleted when the round ends
+_FLOAT32_SLACK = 1e-4  # relative: float32 rounding of a device's weight and summary
 # Statements run on every request, built once (SQLAlchemy then reuses their compiled form).
 _P = participants.c
 _ROUND_BY_ID = sa.select(rounds).where(rounds.c.round_id == sa.bindparam("round_id"))
@@ -213,7 +215,16 @@ class Coordinator:
         tensors, meta = decode_tensors(payload)
         if "layout" not in meta:
             raise InvalidInputError("model payload needs a 'layout' entry in __metadata__")
-        layout = PersonaLayout.from_json(json.loads(meta["layout"]))
+        try:
+            layout_json = json.loads(meta["layout"])
+        except ValueError as exc:
+            raise InvalidInputError(
+                f"the model's __metadata__ 'layout' is not JSON ({exc}); write "
+                "json.dumps(layout.to_json()) there"
+            ) from exc
+        if not isinstance(layout_json, dict):
+            raise InvalidInputError("the model's __metadata__ 'layout' must be a JSON object")
+        layout = PersonaLayout.from_json(layout_json)
         expect_tensors(tensors, layout.model_tensors())
         with self.engine.begin() as conn:
             self._app(conn, app_id)
@@ -267,6 +278,14 @@ class Coordinator:
     # ---- rounds: operator side ---------------------------------------------------------------
 
     def create_round(self, config: RoundConfig) -> dict[str, Any]:
+        if config.secure:  # devices fixed-point encode their inputs: refuse what cannot be
+            try:
+                fixed_point_scale(config.cohort_size, config.value_bound)
+            except InvalidInputError as exc:
+                raise InvalidInputError(
+                    f"no device could encode this secure round's inputs: {exc} (the bound is "
+                    "max(clip_norm, summary_clip, 1)), or run it with secure=false"
+                ) from exc
         with self.engine.begin() as conn:
             app = self._app(conn, config.app_id)
             self._model_row(conn, config.app_id, config.model_version)
@@ -377,6 +396,9 @@ class Coordinator:
             if config.secure:
                 if c_pk is None or s_pk is None or len(c_pk) != 32 or len(s_pk) != 32:
                     raise InvalidInputError("a secure round needs 32-byte c_pk and s_pk")
+                # A low-order key would make every honest neighbour's key agreement fail.
+                check_public_key(c_pk, "c_pk")
+                check_public_key(s_pk, "s_pk")
                 keys = {"round_id": round_id, "c_pk": c_pk, "s_pk": s_pk}
                 clash = conn.execute(_KEY_CLASH, keys).first()
                 if clash is not None or c_pk == s_pk:
@@ -548,12 +570,21 @@ class Coordinator:
                 )
             ]
         for round_id in due:
-            with self.engine.begin() as conn:
-                row = conn.execute(sa.select(rounds).where(rounds.c.round_id == round_id)).first()
-                if row is None or row.stage in FINAL or row.stage_deadline >= now:
-                    continue
-                self._close(conn, row, _round_config(row.config))
-            self._notify(round_id)
+            try:
+                closed = self._close_due(round_id, now)
+            except Exception:  # a database error, or a bug: one round must not stop the others
+                logger.exception("round %s: closing its stage failed; retrying next tick", round_id)
+                continue
+            if closed:
+                self._notify(round_id)
+
+    def _close_due(self, round_id: str, now: float) -> bool:
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(rounds).where(rounds.c.round_id == round_id)).first()
+            if row is None or row.stage in FINAL or row.stage_deadline >= now:
+                return False
+            self._close(conn, row, _round_config(row.config))
+        return True
 
     def _close(self, conn: sa.Connection, row: Any, config: RoundConfig) -> None:
         round_id, stage = row.round_id, row.stage
@@ -594,7 +625,42 @@ class Coordinator:
 
     def _publish(self, conn: sa.Connection, row: Any, config: RoundConfig) -> None:
         round_id = row.round_id
-        layout = self._layout(conn, row.app_id, config)
+        try:
+            layout = self._layout(conn, row.app_id, config)
+            result = self._result(conn, row, config, layout)
+        except EdgePersoError as exc:  # raised before anything was written
+            return self._abort(conn, round_id, f"the round's result could not be computed: {exc}")
+        if result is None:
+            return None
+        new, epsilon = result
+        version = (
+            1
+            + conn.execute(
+                sa.select(sa.func.max(models.c.version)).where(models.c.app_id == row.app_id)
+            ).scalar_one()
+        )
+        self._insert_model(conn, row.app_id, version, layout, new, round_id)
+        if epsilon is not None:
+            conn.execute(
+                privacy.insert().values(
+                    round_id=round_id,
+                    app_id=row.app_id,
+                    noise_multiplier=config.noise_multiplier,
+                    sampling_probability=config.sampling_probability,
+                    epsilon=epsilon,
+                    delta=self._app(conn, row.app_id).delta,
+                )
+            )
+        self._set(conn, round_id, stage="published", published_version=version)
+        self._discard(conn, round_id)
+        logger.info("round %s published model version %d", round_id, version)
+        return None
+
+    def _result(
+        self, conn: sa.Connection, row: Any, config: RoundConfig, layout: PersonaLayout
+    ) -> tuple[dict[str, np.ndarray], float | None] | None:
+        """(the next model, the app's epsilon after it) without writing anything, or None if
+        the round was aborted."""
         if config.secure:
             total = self._unmask(conn, row, layout, config)
             if total is None:
@@ -607,7 +673,7 @@ class Coordinator:
                 weight_error=_aggregate.fixed_point_error(config.cohort_size, scale),
             )
         else:
-            plain = self._plain_uploads(conn, round_id, layout, config)
+            plain = self._plain_uploads(conn, row.round_id, layout, config)
             if config.aggregator == "mean":
                 total = np.zeros(layout.length)
                 for vector in plain:  # one update in memory at a time
@@ -619,33 +685,12 @@ class Coordinator:
                 means = _aggregate.trimmed_means(np.stack(list(plain)), layout, config)
         model, _ = decode_tensors(self._model_row(conn, row.app_id, config.model_version).tensors)
         new = _aggregate.next_model(model, layout, means, config)
-        version = (
-            1
-            + conn.execute(
-                sa.select(sa.func.max(models.c.version)).where(models.c.app_id == row.app_id)
-            ).scalar_one()
-        )
-        self._insert_model(conn, row.app_id, version, layout, new, round_id)
         app = self._app(conn, row.app_id)
-        if app.epsilon_budget is not None:
-            spent = self._dp_rounds(conn, row.app_id)
-            epsilon = _privacy.epsilon(
-                [*spent, (config.noise_multiplier, config.sampling_probability)], app.delta
-            )
-            conn.execute(
-                privacy.insert().values(
-                    round_id=round_id,
-                    app_id=row.app_id,
-                    noise_multiplier=config.noise_multiplier,
-                    sampling_probability=config.sampling_probability,
-                    epsilon=epsilon,
-                    delta=app.delta,
-                )
-            )
-        self._set(conn, round_id, stage="published", published_version=version)
-        self._discard(conn, round_id)
-        logger.info("round %s published model version %d", round_id, version)
-        return None
+        if app.epsilon_budget is None:
+            return new, None
+        spent = self._dp_rounds(conn, row.app_id)
+        event = (config.noise_multiplier, config.sampling_probability)
+        return new, _privacy.epsilon([*spent, event], app.delta)
 
     def _unmask(
         self, conn: sa.Connection, row: Any, layout: PersonaLayout, config: RoundConfig
@@ -680,17 +725,21 @@ class Coordinator:
         if stored is None:
             self._abort(conn, round_id, "the round's sum of masked inputs is missing")
             return None
-        return _aggregate.secure_sum(
-            round_id,
-            [np.frombuffer(stored, dtype="<u4")],
-            b_shares,
-            {u: s_shares[u] for u in dropped if masked_with[u]},
-            keys,
-            {u: v for u, v in masked_with.items() if v},
-            t,
-            layout.length,
-            fixed_point_scale(config.cohort_size, config.value_bound),
-        )
+        try:
+            return _aggregate.secure_sum(
+                round_id,
+                [np.frombuffer(stored, dtype="<u4")],
+                b_shares,
+                {u: s_shares[u] for u in dropped if masked_with[u]},
+                keys,
+                {u: v for u, v in masked_with.items() if v},
+                t,
+                layout.length,
+                fixed_point_scale(config.cohort_size, config.value_bound),
+            )
+        except EdgePersoError as exc:  # a device revealed a wrong share (or advertised a bad key)
+            self._abort(conn, round_id, f"the masks could not be removed: {exc}")
+            return None
 
     def _plain_uploads(
         self, conn: sa.Connection, round_id: str, layout: PersonaLayout, config: RoundConfig
@@ -814,14 +863,28 @@ def _round_config(stored: str) -> RoundConfig:
 
 
 def _check_plain(vector: np.ndarray, layout: PersonaLayout, config: RoundConfig) -> None:
-    """A plain update has exactly one persona block with weight in (0, 1] and a bounded summary."""
+    """A plain update has exactly one persona block, with a weight that a device can give and
+    a summary of norm at most weight x summary_clip.
+
+    The trimmed mean divides each update by its weight, so neither bound has an absolute slack:
+    a device weighs min(1, num_examples / weight_cap) with num_examples >= 1 (exactly 1 without
+    a weight cap), and scales its clipped summary by that weight.
+    """
     _, persona_part, summaries, weights = layout.unpack(vector.astype(np.float64))
     active = np.flatnonzero(weights != 0)
-    if len(active) != 1 or not 0 < weights[active[0]] <= 1:
-        raise InvalidInputError("an update needs exactly one persona block with weight in (0, 1]")
+    least = 1.0 if config.weight_cap is None else min(1.0, 1.0 / config.weight_cap)
+    if len(active) != 1 or not least * (1 - _FLOAT32_SLACK) <= weights[active[0]] <= 1:
+        weight_rule = (
+            "exactly 1 (the round has no weight_cap)"
+            if config.weight_cap is None
+            else f"min(1, num_examples / weight_cap), in [{least:.6g}, 1]"
+        )
+        raise InvalidInputError(
+            f"an update needs exactly one persona block, weighing {weight_rule}"
+        )
     p, weight = int(active[0]), float(weights[active[0]])
     blocks = np.concatenate([persona_part, summaries], axis=1)
     if np.any(np.delete(blocks, p, axis=0)):
         raise InvalidInputError("persona blocks other than the device's own must be zero")
-    if np.linalg.norm(summaries[p]) > config.summary_clip * weight * (1 + 1e-4) + 1e-6:
-        raise InvalidInputError("the user-summary block exceeds summary_clip")
+    if np.linalg.norm(summaries[p]) > config.summary_clip * weight * (1 + _FLOAT32_SLACK):
+        raise InvalidInputError("the user-summary block exceeds weight x summary_clip")

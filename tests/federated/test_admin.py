@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,7 +20,7 @@ from _fixtures import (
     initial_model,
     local_update,
 )
-from edgeperso_federated import AdminClient, RoundConfig
+from edgeperso_federated import AdminClient, RoundConfig, load_model, save_model
 from edgeperso_federated import initial_model as persona_model
 from edgeperso_federated._cli import main as cli
 from edgeperso_federated._errors import (
@@ -38,6 +39,7 @@ from edgeperso.federation import (
     MemoryStateStore,
 )
 from edgeperso.federation._layout import persona_key
+from edgeperso.federation._wire import encode_tensors
 
 
 def _app(admin: AdminClient, **app: float) -> tuple[str, str]:
@@ -174,15 +176,24 @@ def test_transport_failures_server_errors_and_rate_limits_are_typed() -> None:
         AdminClient("http://coordinator", "")
 
 
-def test_the_cli_creates_an_app_and_a_round_and_reports_the_rounds_stage(
-    server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_the_cli_creates_an_app_uploads_its_model_opens_a_round_and_reports_its_stage(
+    server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
+    """The shell walk-through of docs/federated.md."""
     monkeypatch.setenv("EDGEPERSO_ADMIN_TOKEN", ADMIN_TOKEN)
     app_id, where = f"app-{uuid.uuid4().hex[:8]}", ["--url", server.url]
     assert cli(["create-app", app_id, "--epsilon-budget", "20", *where]) == 0
     enrol(server, app_id, capsys.readouterr().out.strip())  # the printed key enrols devices
-    with AdminClient(server.url, ADMIN_TOKEN) as admin:
-        admin.put_model(app_id, 0, LAYOUT, initial_model())
+    save_model(tmp_path / "model.safetensors", LAYOUT, initial_model())
+    assert cli(["put-model", app_id, "0", str(tmp_path / "model.safetensors"), *where]) == 0
+    assert json.loads(capsys.readouterr().out) == {"app_id": app_id, "version": 0}
+    assert cli(["put-model", app_id, "0", str(tmp_path / "model.safetensors"), *where]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli(["put-model", app_id, "1", str(tmp_path / "missing.safetensors"), *where]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
     config = {"app_id": app_id, "model_version": 0, "cohort_size": 3, "min_survivors": 3}
     config |= {"noise_multiplier": 1.0, "sampling_probability": 0.01}
     assert cli(["create-round", json.dumps(config), *where]) == 0
@@ -192,3 +203,20 @@ def test_the_cli_creates_an_app_and_a_round_and_reports_the_rounds_stage(
     assert json.loads(capsys.readouterr().out)["stage"] == "join"
     assert cli(["create-app", app_id, *where]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_missing_ca_bundle_is_named_in_a_typed_error(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match=r"missing\.pem"):
+        AdminClient("https://coordinator", ADMIN_TOKEN, verify_tls=str(tmp_path / "missing.pem"))
+
+
+def test_a_saved_model_file_loads_back_and_a_foreign_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_model(path, LAYOUT, initial_model())
+    layout, tensors = load_model(path)
+    assert layout == LAYOUT
+    for name, value in initial_model().items():
+        np.testing.assert_array_equal(tensors[name], value)
+    (tmp_path / "plain.safetensors").write_bytes(encode_tensors(initial_model()))
+    with pytest.raises(InvalidInputError, match="no JSON 'layout'"):
+        load_model(tmp_path / "plain.safetensors")

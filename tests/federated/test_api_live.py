@@ -46,6 +46,39 @@ def test_requests_without_a_valid_credential_are_refused(server: Server) -> None
         assert device.post("/v1/admin/apps", json={"app_id": "evil"}).status_code == 403
 
 
+def test_operator_input_that_no_round_can_use_is_refused_with_a_422_problem(
+    server: Server,
+) -> None:
+    app = f"app-{uuid.uuid4().hex[:8]}"
+    new_app(server, app, epsilon_budget=8.0)
+    round_config = {"app_id": app, "model_version": 0, "cohort_size": 2, "min_survivors": 2}
+    refused = [
+        ({"noise_multiplier": 1e308}, "noise_multiplier must be in"),
+        ({"noise_multiplier": float("inf")}, "noise_multiplier must be in"),
+        (  # 1000 devices x 1e7 overflow the 32-bit ring: no device could encode its input
+            {"cohort_size": 1000, "min_survivors": 500, "clip_norm": 1e7, "noise_multiplier": 1.0},
+            "no device could encode",
+        ),
+    ]
+    with server.admin() as admin:
+        for change, detail in refused:
+            body = json.dumps(round_config | change)  # Python's JSON writes inf as Infinity
+            response = admin.post(
+                "/v1/admin/rounds", content=body, headers={"Content-Type": "application/json"}
+            )
+            assert response.status_code == 422, response.text
+            assert detail in response.json()["detail"]
+        for layout in ("not json", "[1]"):
+            payload = encode_tensors({"x": np.zeros(1, np.float32)}, {"layout": layout})
+            response = admin.put(f"/v1/admin/apps/{app}/models/7", content=payload)
+            assert response.status_code == 422, response.text
+            assert "'layout'" in response.json()["detail"]
+        # The app is not blocked: a round it can run opens.
+        assert admin.post("/v1/admin/rounds", json=round_config).status_code == 422  # no noise
+        ok = admin.post("/v1/admin/rounds", json=round_config | {"noise_multiplier": 1.0})
+        assert ok.status_code == 201, ok.text
+
+
 def test_a_secure_round_rejects_malformed_late_replayed_and_foreign_uploads_and_still_completes(
     server: Server,
 ) -> None:
@@ -58,6 +91,9 @@ def test_a_secure_round_rejects_malformed_late_replayed_and_foreign_uploads_and_
     base = f"/v1/rounds/{rid}"
     assert outsider.get(base).status_code == 404  # another app's round does not exist for it
     assert devices[0].post("/v1/rounds/nope/join", json={}).status_code == 404
+    low_order = {"c_pk": b64(bytes(32)), "s_pk": b64(b"\x01" + bytes(31))}
+    refused = devices[0].post(f"{base}/join", json=low_order)
+    assert refused.status_code == 422 and "low-order" in refused.json()["detail"]
     clients = [join_secure(d, rid) for d in devices]
     # Joining again with other keys is a replay.
     replay = {"c_pk": b64(b"1" * 32), "s_pk": b64(b"2" * 32)}

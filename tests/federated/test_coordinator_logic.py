@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,14 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from _fixtures import ADMIN_TOKEN, LAYOUT, contribution, initial_model, model_payload
+from _fixtures import (
+    ADMIN_TOKEN,
+    LAYOUT,
+    contribution,
+    initial_model,
+    local_update,
+    model_payload,
+)
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
 from dp_accounting.rdp import RdpAccountant
 from edgeperso_federated import (
@@ -18,17 +26,19 @@ from edgeperso_federated import (
     RoundConfig,
     _aggregate,
     _db,
+    _privacy,
     _rounds,
 )
 from edgeperso_federated._db import masked_sums, uploads
 from edgeperso_federated._errors import RoundConflictError
 from edgeperso_federated._rounds import Device
 
-from edgeperso import BudgetExhaustedError
+from edgeperso import BudgetExhaustedError, InvalidInputError
 from edgeperso.federation import RoundTask
 from edgeperso.federation._layout import persona_key
 from edgeperso.federation._protocol import SecAggClient
 from edgeperso.federation._secagg import encode_fixed_point
+from edgeperso.federation._update import build_contribution
 from edgeperso.federation._wire import decode_tensors, encode_tensors
 
 
@@ -359,3 +369,78 @@ def test_a_device_cannot_join_with_a_key_already_in_the_round(coordinator: Coord
         with pytest.raises(RoundConflictError, match="already in use"):
             coordinator.join(rid, second, c_pk, s_pk)
     assert coordinator.join(rid, second, other.c_pk, other.s_pk) == 2
+
+
+@pytest.mark.parametrize("bad", ["c_pk", "s_pk"])
+def test_a_device_cannot_join_with_a_low_order_key(coordinator: Coordinator, bad: str) -> None:
+    """An all-zero key would make every honest neighbour's key agreement fail."""
+    app_id, key = _app(coordinator)
+    task_json, _ = _round(coordinator, app_id, 3)
+    rid = task_json["round_id"]
+    device = Device(coordinator.enrol(app_id, key)[0], app_id)
+    mine = SecAggClient.start(rid)
+    keys = {"c_pk": mine.c_pk, "s_pk": mine.s_pk, bad: bytes(32)}
+    with pytest.raises(InvalidInputError, match=f"{bad} is a low-order X25519 point"):
+        coordinator.join(rid, device, keys["c_pk"], keys["s_pk"])
+    assert coordinator.join(rid, device, mine.c_pk, mine.s_pk) == 1
+
+
+def _plain_vector(weight: float, summary_norm: float) -> np.ndarray:
+    """A hand-made plain upload in persona 0's block: no deltas, a summary and a weight."""
+    vector = np.zeros(LAYOUT.length, np.float32)
+    start = LAYOUT.global_size
+    vector[start + LAYOUT.persona_size] = summary_norm
+    vector[start + LAYOUT.block_size - 1] = weight
+    return vector
+
+
+@pytest.mark.parametrize(
+    ("weight_cap", "weight", "summary_norm"),
+    [
+        (None, 1e-45, 1e-6),  # subnormal: the trimmed mean's centroid would be 1e-6 / 1e-45
+        (None, 0.5, 0.0),  # without a weight cap every device weighs exactly 1
+        (10.0, 0.05, 0.0),  # one example already weighs 1 / weight_cap
+        (1e6, 1e-6, 1.9e-6),  # within weight x summary_clip + 1e-6, far over it relatively
+    ],
+)
+def test_a_plain_update_with_a_weight_no_device_gives_or_an_oversized_summary_is_refused(
+    coordinator: Coordinator, weight_cap: float | None, weight: float, summary_norm: float
+) -> None:
+    app_id, key = _app(coordinator)
+    task_json, task = _round(
+        coordinator, app_id, 2, secure=False, aggregator="trimmed_mean", weight_cap=weight_cap
+    )
+    rid = task_json["round_id"]
+    devices = [Device(coordinator.enrol(app_id, key)[0], app_id) for _ in range(2)]
+    for d in devices:
+        coordinator.join(rid, d, None, None)
+    evil = encode_tensors({"update": _plain_vector(weight, summary_norm)})
+    with pytest.raises(InvalidInputError, match=r"weigh|summary_clip"):
+        coordinator.submit_upload(rid, devices[0], evil)
+    # A device that trained on a single example gives the smallest weight, and is accepted.
+    update = local_update(task, 0)
+    update["num_examples"] = 1
+    vector, _ = build_contribution(task, **update)
+    coordinator.submit_upload(
+        rid, devices[0], encode_tensors({"update": vector.astype(np.float32)})
+    )
+
+
+@pytest.mark.parametrize("z", [float("inf"), float("nan"), 1e308, -1.0])
+def test_a_noise_multiplier_the_accountant_cannot_book_is_refused(z: float) -> None:
+    """inf would book epsilon 0 and publish an unchanged model as a new version."""
+    with pytest.raises(InvalidInputError, match="noise_multiplier must be in"):
+        RoundConfig("a", 0, cohort_size=2, min_survivors=2, noise_multiplier=z)
+    with pytest.raises(InvalidInputError, match="accountant"):
+        _privacy.epsilon([(1e308, 1.0)], 1e-6)
+
+
+def test_a_secure_round_no_device_can_encode_is_refused_when_it_is_created(
+    coordinator: Coordinator,
+) -> None:
+    app_id, _ = _app(coordinator)
+    huge = RoundConfig(app_id, 0, cohort_size=1000, min_survivors=500, clip_norm=1e7)
+    with pytest.raises(InvalidInputError, match="lower the clip norm or the cohort size"):
+        coordinator.create_round(huge)
+    assert coordinator.task(app_id) is None  # nothing was opened; a plain round may run
+    coordinator.create_round(dataclasses.replace(huge, secure=False))

@@ -374,6 +374,18 @@ def test_a_persona_at_the_weight_floor_is_updated_whichever_way_secaggplus_round
         np.testing.assert_allclose(published.model[key], initial_model()[key] + 0.5, atol=1e-6)
 
 
+def test_a_plain_update_with_a_weight_no_device_gives_is_refused_as_by_the_coordinator() -> None:
+    """A subnormal weight and a tiny summary: the trimmed mean divides each upload by its
+    weight, so this would publish a centroid near 1e38."""
+    rounds = FlowerRounds(initial_model(), LAYOUT, config("tiny", aggregator="trimmed_mean"))
+    evil = np.zeros(LAYOUT.length, np.float32)
+    start = LAYOUT.global_size
+    evil[start + LAYOUT.persona_size] = 1e-6
+    evil[start + LAYOUT.block_size - 1] = 1e-45
+    with pytest.raises(InvalidInputError, match="weight"):
+        rounds.check_plain(evil)
+
+
 def test_the_device_package_never_imports_flower() -> None:
     code = (
         "import sys, edgeperso, edgeperso.federation, edgeperso_federated\n"

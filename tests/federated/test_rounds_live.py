@@ -64,7 +64,8 @@ def _spawn(
     server: Server, app: str, key: str, state: Path, seed: int, *extra: str
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(DEVICE), server.url, app, key, str(state), str(seed), *extra],
+        # "--": an enrolment key may start with "-" (token_urlsafe), which is not an option
+        [sys.executable, str(DEVICE), *extra, "--", server.url, app, key, str(state), str(seed)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

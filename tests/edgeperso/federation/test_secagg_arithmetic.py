@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 from edgeperso import IntegrityError, InvalidInputError, TamperedError
 from edgeperso.federation import secagg_params
-from edgeperso.federation._crypto import MaskExpander, agree, agree_many, prg_uint32
+from edgeperso.federation._crypto import (
+    MaskExpander,
+    agree,
+    agree_many,
+    check_public_key,
+    prg_uint32,
+)
 from edgeperso.federation._protocol import SecAggClient, unmask_sum
 from edgeperso.federation._secagg import (
     add_masks,
@@ -212,3 +218,26 @@ def test_keys_agreed_with_many_peers_match_one_by_one_agreement() -> None:
     together = agree_many(me.s_sk, peers, b"info")
     assert together == {v: agree(me.s_sk, pk, b"info") for v, pk in peers.items()}
     assert len(set(together.values())) == len(peers)
+
+
+_P25519 = 2**255 - 19
+# Every encoding of a low-order point of Curve25519 or its twist (u mod 2^255, then mod p).
+_LOW_ORDER = [
+    0,
+    1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+    _P25519 - 1,
+    _P25519,
+    _P25519 + 1,
+    2**255,  # the top bit is ignored: 0 again
+]
+
+
+@pytest.mark.parametrize("u", _LOW_ORDER)
+def test_low_order_public_keys_are_refused_and_real_ones_accepted(u: int) -> None:
+    with pytest.raises(InvalidInputError, match="low-order"):
+        check_public_key(u.to_bytes(32, "little"), "c_pk")
+    check_public_key(SecAggClient.start("r").c_pk)
+    with pytest.raises(InvalidInputError, match="32-byte"):
+        check_public_key(bytes(31))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import struct
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -12,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.numpy import load, save
 
-from edgeperso import InvalidInputError, UnsupportedError
+from edgeperso import InvalidInputError, KeyUnavailableError, UnsupportedError
 from edgeperso.federation import (
     FederatedParam,
     FederationClient,
@@ -78,6 +81,18 @@ def test_wrong_dtype_shape_and_nan_are_named_in_the_error() -> None:
         expect_tensors({"u": np.zeros(7, np.float32)}, {"u": ("F32", (8,))})
     with pytest.raises(InvalidInputError, match="NaN"):
         expect_tensors({"u": np.full(8, np.nan, np.float32)}, {"u": ("F32", (8,))})
+
+
+@pytest.mark.parametrize("shape", [[2**32, 2**32], [2**20, 2**20, 2**24]])
+def test_a_shape_whose_element_count_wraps_64_bits_is_refused_not_reshaped(
+    shape: list[int],
+) -> None:
+    """2^64 elements wrap to 0 in int64, which would match empty data offsets."""
+    header = json.dumps({"x": {"dtype": "U32", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with pytest.raises(InvalidInputError, match="inconsistent data offsets"):
+        decode_tensors(struct.pack("<Q", len(header)) + header)
+    assert FederatedParam("x", tuple(shape), "global").size == 2**64
 
 
 LAYOUT = PersonaLayout(
@@ -156,3 +171,33 @@ def test_nothing_is_sent_without_opt_in() -> None:
             client.check_in()
         assert client.resume() is None
     assert requests == []
+
+
+def test_a_device_the_coordinator_no_longer_knows_enrols_again_when_the_app_asks() -> None:
+    """The coordinator's database was replaced: the saved credential is unknown there."""
+    tokens, known = iter(["old", "new"]), {"Bearer d.new"}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/devices":
+            return httpx.Response(201, json={"device_id": "d", "token": next(tokens)})
+        if request.headers["Authorization"] in known:
+            return httpx.Response(204)
+        problem = {"error": "unauthenticated", "detail": "unknown device credential; enrol again"}
+        return httpx.Response(401, json=problem)
+
+    config = FederationConfig("http://coordinator", "app", "key", opt_in=True)
+    transport = httpx.MockTransport(answer)
+    with FederationClient(config, MemoryStateStore(), transport=transport) as client:
+        with pytest.raises(KeyUnavailableError, match=r"FederationClient\.enrol\(\)"):
+            client.check_in()
+        client.enrol()
+        assert client.check_in() is None  # no round open, and the new credential is accepted
+
+
+def test_a_missing_or_unreadable_ca_bundle_is_named_in_a_typed_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    for path in (tmp_path / "missing.pem", garbage):
+        config = FederationConfig("https://c", "app", "key", opt_in=True, verify_tls=str(path))
+        with pytest.raises(InvalidInputError, match=path.name):
+            FederationClient(config, MemoryStateStore())
