@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import io
 import json
 import math
 import os
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,9 @@ from edgeperso._errors import InvalidInputError
 from edgeperso.evaluate._config import EvalConfig
 
 Table = list[dict[str, str]]
+# A user, text or label cell holding one of these (any case) is a missing value: pandas
+# writes NaN as "nan", Python's None becomes "None", JSON's null "null".
+MISSING = ("", "nan", "none", "null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,15 +76,29 @@ def _read(path: Path) -> Table:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson"):
         raise InvalidInputError(f"{path}: unknown format {suffix!r}; use .csv, .tsv or .jsonl")
-    with path.open(encoding="utf-8", newline="") as f:
-        if suffix in (".csv", ".tsv"):
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            rows = [{k: v or "" for k, v in row.items() if k is not None} for row in reader]
-        else:
-            rows = [_json_row(line, path, i) for i, line in enumerate(f, 1) if line.strip()]
+    f = io.StringIO(_text(path), newline="")
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+        rows = [{k: v or "" for k, v in row.items() if k is not None} for row in reader]
+    else:
+        rows = [_json_row(line, path, i) for i, line in enumerate(f, 1) if line.strip()]
     if not rows:
         raise InvalidInputError(f"{path} has no data rows")
     return rows
+
+
+def _text(path: Path) -> str:
+    """The file decoded as UTF-8, without the byte-order mark spreadsheets put first."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        line = data.count(b"\n", 0, bom + exc.start) + 1
+        raise InvalidInputError(
+            f"{path} is not UTF-8 text (line {line}, byte {bom + exc.start}): save it as "
+            "UTF-8 (a spreadsheet's 'CSV UTF-8') and run again"
+        ) from None
 
 
 def _json_row(line: str, path: Path, number: int) -> dict[str, str]:
@@ -90,13 +108,41 @@ def _json_row(line: str, path: Path, number: int) -> dict[str, str]:
         raise InvalidInputError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
     if not isinstance(value, dict):
         raise InvalidInputError(f"{path}:{number} is not a JSON object")
-    return {str(k): "" if v is None else str(v) for k, v in value.items()}
+    return {str(k): _cell(v) for k, v in value.items()}
+
+
+def _cell(value: object) -> str:
+    """A value as the text a CSV would hold: None and float NaN are missing ("")."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def as_table(rows: object) -> Table:
+    """Rows already read (mappings of column name to value, e.g. a pandas DataFrame's
+    `to_dict("records")`) as a Table, their values converted as the JSONL reader does."""
+    if isinstance(rows, str | bytes | Mapping) or not isinstance(rows, Iterable):
+        raise InvalidInputError(
+            "data must be a .csv/.tsv/.jsonl path or a sequence of rows, each a mapping of "
+            "column name to value (for a pandas DataFrame: df.to_dict('records'))"
+        )
+    table = []
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, Mapping):
+            raise InvalidInputError(
+                f"row {number} of the data is a {type(row).__name__}, not a mapping of column "
+                "name to value (for a pandas DataFrame: df.to_dict('records'))"
+            )
+        table.append({str(k): _cell(v) for k, v in row.items()})
+    return table
 
 
 def to_records(
-    rows: Sequence[Mapping[str, str]], config: EvalConfig, task: str, labels: Sequence[str]
+    rows: Iterable[Mapping[str, object]], config: EvalConfig, task: str, labels: Sequence[str]
 ) -> tuple[list[Record], int]:
-    """Validated records and the number of rows dropped for an empty text or label."""
+    """Validated records and the number of rows dropped for a missing user, text or label
+    (empty, or one of `MISSING`)."""
+    rows = as_table(rows)
     if not rows:
         raise InvalidInputError("the data has no rows")
     wanted = [config.user_column, config.text_column, config.label_column]
@@ -112,7 +158,7 @@ def to_records(
     for position, row in enumerate(rows):
         user, text = row.get(config.user_column, ""), row.get(config.text_column, "")
         raw = row.get(config.label_column, "").strip()
-        if not user.strip() or not text.strip() or raw.lower() in ("", "nan", "none", "null"):
+        if any(v.strip().lower() in MISSING for v in (user, text, raw)):
             dropped += 1
             continue
         label = _label(raw, config, task)
@@ -128,7 +174,9 @@ def to_records(
             f"{list(labels)}; map them with --label-map (e.g. 'x>0' or 'a=yes,b=no')"
         )
     if not records:
-        raise InvalidInputError("every row has an empty user, text or label")
+        raise InvalidInputError(
+            "every row has a missing user, text or label (empty, nan, none or null)"
+        )
     return records, dropped
 
 
@@ -148,36 +196,53 @@ def _label(raw: str, config: EvalConfig, task: str) -> str | float:
 
 def _time(raw: str, position: int) -> float:
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         pass
+    else:
+        if math.isfinite(value):  # "nan" and "inf" parse, but cannot be ordered
+            return value
     try:
         return datetime.datetime.fromisoformat(raw.strip()).timestamp()
     except ValueError:
         raise InvalidInputError(
-            f"time value {raw!r} (row {position + 1}) is neither a number nor an ISO 8601 date"
+            f"time value {raw!r} (row {position + 1}) is neither a finite number nor an "
+            "ISO 8601 date"
         ) from None
 
 
 def split_users(records: Sequence[Record], config: EvalConfig) -> dict[str, UserSplit]:
-    """Each user's rows into train and test: a seeded random `test_fraction` (the same for a
-    user whatever the other users are), or the latest rows by time."""
-    by_user: dict[str, list[Record]] = {}
+    """Each user's rows into train and test: a seeded random `test_fraction` of the user's
+    distinct texts (the same for a user whatever the other users are), or the latest texts
+    by time. Every copy of a text goes to the side of the first copy, so that no test text
+    is among the user's own training rows."""
+    by_user: dict[str, dict[str, list[Record]]] = {}
     for record in records:
-        by_user.setdefault(record.user, []).append(record)
+        by_user.setdefault(record.user, {}).setdefault(record.text, []).append(record)
     out = {}
-    for user, rows in sorted(by_user.items()):
-        n_test = min(len(rows) - 1, max(1, round(config.test_fraction * len(rows))))
-        if len(rows) < 2:
-            out[user] = UserSplit(tuple(rows), ())
+    for user, by_text in sorted(by_user.items()):
+        groups = list(by_text.values())  # one per distinct text, in order of first copy
+        if len(groups) < 2:
+            out[user] = UserSplit(tuple(r for g in groups for r in g), ())
             continue
+        n_test = min(len(groups) - 1, max(1, round(config.test_fraction * len(groups))))
         if config.split == "time":
-            ordered = sorted(rows, key=lambda r: r.time)
-            out[user] = UserSplit(tuple(ordered[:-n_test]), tuple(ordered[-n_test:]))
+            ordered = sorted(groups, key=lambda g: min(r.time for r in g))
+            train = sorted((r for g in ordered[:-n_test] for r in g), key=lambda r: r.time)
+            test = sorted((r for g in ordered[-n_test:] for r in g), key=lambda r: r.time)
+            out[user] = UserSplit(tuple(train), tuple(test))
             continue
         rng = np.random.default_rng([config.seed, zlib.crc32(user.encode())])
-        order = rng.permutation(len(rows))
-        test = sorted(order[:n_test].tolist())
-        train = order[n_test:].tolist()  # random order: the cold-start curve takes a prefix
-        out[user] = UserSplit(tuple(rows[i] for i in train), tuple(rows[i] for i in test))
+        order = rng.permutation(len(groups))
+        tested = sorted(order[:n_test].tolist())
+        trained = order[n_test:].tolist()  # random order: the cold-start curve takes a prefix
+        out[user] = UserSplit(
+            tuple(r for i in trained for r in groups[i]),
+            tuple(r for i in tested for r in groups[i]),
+        )
     return out
+
+
+def duplicate_rows(records: Sequence[Record]) -> int:
+    """Rows that repeat an earlier row's (user, text): kept, on the side of their first copy."""
+    return len(records) - len({(r.user, r.text) for r in records})

@@ -10,7 +10,8 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,17 @@ from edgeperso._errors import InvalidInputError, UnsupportedError
 from edgeperso.bundle import Bundle, sha256_file
 from edgeperso.evaluate import _metrics
 from edgeperso.evaluate._config import EvalConfig
-from edgeperso.evaluate._data import Record, UserSplit, read_table, split_users, to_records
+from edgeperso.evaluate._data import (
+    Record,
+    UserSplit,
+    as_table,
+    duplicate_rows,
+    read_table,
+    split_users,
+    to_records,
+)
 from edgeperso.evaluate._global import fit_global_head
+from edgeperso.evaluate._paths import writable_file, write_atomically
 from edgeperso.evaluate._report import ColdStartPoint, EvalReport, UserResult, machine_info
 from edgeperso.runtime import Personalizer, SharedTrainConfig, _params
 from edgeperso.runtime._shared import load_shared_file
@@ -43,7 +53,7 @@ class EvalProgress:
 
 
 def evaluate(
-    data: str | os.PathLike[str] | Sequence[Mapping[str, str]],
+    data: str | os.PathLike[str] | Iterable[Mapping[str, object]],
     bundle: str | os.PathLike[str] | Bundle,
     config: EvalConfig | None = None,
     *,
@@ -52,19 +62,20 @@ def evaluate(
     """Split each user's rows, fit the global head on every training row, personalize each
     evaluated user on device and compare both on the user's test rows.
 
-    `data` is a .csv/.tsv/.jsonl path or rows already read (see `read_table`). Everything
-    the run stores goes to a temporary encrypted store, deleted at the end.
+    `data` is a .csv/.tsv/.jsonl path or rows already read (see `read_table`; values that
+    are not str are converted as the JSONL reader does). Everything the run stores goes to
+    a temporary encrypted store, deleted at the end.
     """
     config = config or EvalConfig()
     if not isinstance(config, EvalConfig):
         raise InvalidInputError("config must be an EvalConfig")
-    if config.save_global is not None and not Path(config.save_global).parent.is_dir():
-        # checked now rather than after the global level's minutes of training
-        raise InvalidInputError(
-            f"save_global: the folder of {config.save_global} does not exist; create it first"
-        )
+    # checked now rather than after minutes of features and training
+    if config.save_global is not None:
+        writable_file(config.save_global, "save_global")
+    if config.feature_cache is not None:
+        writable_file(config.feature_cache, "feature_cache")
     started = time.perf_counter()
-    rows = read_table(data) if isinstance(data, str | os.PathLike) else list(data)
+    rows = read_table(data) if isinstance(data, str | os.PathLike) else as_table(data)
     loaded = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))
     manifest = loaded.manifest
     if manifest.task not in ("classification", "regression"):
@@ -73,6 +84,13 @@ def evaluate(
             "or regression bundle"
         )
     records, dropped = to_records(rows, config, manifest.task, manifest.labels)
+    duplicates = duplicate_rows(records)
+    if duplicates:
+        log.warning(
+            "%d rows repeat an earlier row's user and text; each text's copies are kept on "
+            "one side of its user's split",
+            duplicates,
+        )
     splits = split_users(records, config)
     chosen, skipped = _choose_users(splits, config)
     progress = on_progress or (lambda _: None)
@@ -116,6 +134,7 @@ def evaluate(
         data={
             "rows": len(rows),
             "dropped_rows": dropped,
+            "duplicate_rows": duplicates,
             "users": len(splits),
             "evaluated_users": len(results),
             "skipped_users": skipped,
@@ -150,8 +169,24 @@ def _choose_users(
             skipped[user] = f"{n} labelled rows < min_user_rows={config.min_user_rows}"
         elif config.max_users is not None and len(chosen) >= config.max_users:
             skipped[user] = f"beyond max_users={config.max_users}"
+        elif not split.test:
+            skipped[user] = "one distinct text: no test row can be held out"
         else:
             chosen.append(user)
+    if not chosen:
+        sizes = [len(s.train) + len(s.test) for s in splits.values()]
+        few = sum(n < config.min_user_rows for n in sizes)
+        reasons = []
+        if few:
+            reasons.append(
+                f"{few} have fewer than min_user_rows={config.min_user_rows} labelled rows (the "
+                f"most any user has is {max(sizes)}; lower --min-user-rows or add rows)"
+            )
+        if len(splits) > few:
+            reasons.append(f"{len(splits) - few} have a single distinct text, none to test on")
+        raise InvalidInputError(
+            f"no user can be evaluated: of {len(splits)} user(s), {' and '.join(reasons)}"
+        )
     return chosen, skipped
 
 
@@ -403,11 +438,8 @@ class _Run:
         cache where it has them (keyed by the bundle, those parameters and the text)."""
         scope = self.model.bundle_identity.encode() + self._shared_digest()
         keys = [hashlib.sha256(scope + t.encode()).hexdigest() for t in texts]
-        cached: dict[str, np.ndarray] = {}
         path = Path(self.config.feature_cache) if self.config.feature_cache else None
-        if path is not None and path.exists():
-            with np.load(path, allow_pickle=False) as npz:
-                cached = dict(zip(npz["keys"].tolist(), npz["features"], strict=True))
+        cached = _read_cache(path) if path is not None and path.exists() else {}
         missing = [t for t, k in zip(texts, keys, strict=True) if k not in cached]
         for i in range(0, len(missing), _CHUNK):
             self.progress(EvalProgress("features", i, len(missing)))
@@ -417,9 +449,7 @@ class _Run:
                 cached[hashlib.sha256(scope + text.encode()).hexdigest()] = row
         self.progress(EvalProgress("features", len(missing), len(missing)))
         if path is not None and missing:
-            names = sorted(cached)
-            with path.open("wb") as out:
-                np.savez(out, keys=np.array(names), features=np.stack([cached[k] for k in names]))
+            _write_cache(path, cached)
         return np.stack([cached[k] for k in keys])
 
     def _shared_digest(self) -> bytes:
@@ -435,6 +465,38 @@ class _Run:
         for name in names:
             digest.update(name.encode() + np.ascontiguousarray(params[name]).tobytes())
         return digest.digest()
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray]:
+    """The feature cache's features by key; empty (with a warning) when the file cannot be
+    read as one (torn, another program's, another format): it is computed and rewritten."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys, features = npz["keys"], npz["features"]  # [n] str, [n, hidden] float
+        if keys.ndim != 1 or keys.dtype.kind != "U" or features.ndim != 2:
+            raise ValueError("not keys and features")
+        if len(keys) != len(features) or features.dtype.kind != "f":
+            raise ValueError("keys and features do not match")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning(
+            "feature cache %s is not a readable feature cache (%s): its features are "
+            "computed again and the file is rewritten",
+            path,
+            type(exc).__name__,
+        )
+        return {}
+    return dict(zip(keys.tolist(), features.astype(np.float32), strict=True))
+
+
+def _write_cache(path: Path, cached: Mapping[str, np.ndarray]) -> None:
+    """Write the cache whole (temporary file, then rename); a failure loses the cache, not
+    the run."""
+    names = sorted(cached)
+    features = np.stack([cached[k] for k in names])
+    try:
+        write_atomically(path, lambda out: np.savez(out, keys=np.array(names), features=features))
+    except OSError as exc:
+        log.warning("feature cache %s was not written: %s", path, exc.strerror)
 
 
 def _rows_digest(rows: Sequence[Record]) -> str:

@@ -50,7 +50,7 @@ class ColdStartPoint:
     gain_mean: float
     gain_ci95: tuple[float, float]
     share_worse: float
-    share_kept_personal: float
+    share_kept_personal: float  # users kept a personal model (head, kNN or adapter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ class EvalReport:
     primary_metric: str  # macro_f1 (classification) or mae (regression)
     bundle: Mapping[str, Any]
     config: Mapping[str, Any]
-    data: Mapping[str, Any]  # rows, dropped rows, users, evaluated and skipped users
+    data: Mapping[str, Any]  # rows, dropped and duplicate rows, users, evaluated, skipped
     global_head: Mapping[str, Any]
     users: tuple[UserResult, ...]
     summary: Mapping[str, GainSummary]  # by metric name

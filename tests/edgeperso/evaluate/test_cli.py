@@ -68,6 +68,8 @@ def test_a_numeric_column_is_binarised_with_label_map(
         ),
         (["--global-params", "/nonexistent/g.safetensors"], "no such file"),
         (["--save-global", "/nonexistent/g.safetensors"], "does not exist; create it first"),
+        (["--feature-cache", "/nonexistent/f.npz"], "the folder of /nonexistent/f.npz does not"),
+        (["--min-user-rows", "31"], "no user can be evaluated"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(
@@ -130,3 +132,22 @@ def test_a_saved_global_level_is_evaluated_again_without_refitting(
     other_split = ["--seed", "1", "--out", str(tmp_path / "third")]
     assert main([*base, "--global-params", str(saved), *other_split]) == 2
     assert "fitted on other training rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/out"])
+def test_an_unusable_out_folder_exits_2_before_the_evaluation(
+    annotations_csv: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+) -> None:
+    def evaluate(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the evaluation ran before --out was checked")
+
+    monkeypatch.setattr("edgeperso.evaluate.evaluate", evaluate)
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / where
+    assert main(["evaluate", str(annotations_csv), "bundle/", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgeperso evaluate: error: --out ") and str(out) in err

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from edgeperso import InvalidInputError
-from edgeperso.evaluate import EvalConfig, LabelMap, read_table
-from edgeperso.evaluate._data import split_users, to_records
+from edgeperso.evaluate import EvalConfig, LabelMap, evaluate, read_table
+from edgeperso.evaluate._data import as_table, duplicate_rows, split_users, to_records
 from tests.edgeperso.evaluate.conftest import TEXTS_PER_USER, annotation_rows, write_csv
 
 LABELS = ("no", "yes")
@@ -116,3 +116,87 @@ def test_regression_labels_must_be_numbers() -> None:
     assert {r.label for r in records} == {2.0, -1.0}
     with pytest.raises(InvalidInputError, match="not a number"):
         to_records(rows, EvalConfig(), "regression", ())
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_a_non_finite_time_value_is_refused_like_an_unparsable_one(value: str) -> None:
+    rows = annotation_rows()
+    rows[3] = rows[3] | {"time": value}
+    config = EvalConfig(time_column="time", split="time")
+    with pytest.raises(InvalidInputError, match=r"\(row 4\) is neither a finite number"):
+        to_records(rows, config, "classification", LABELS)
+
+
+def test_a_byte_order_mark_is_skipped_and_a_file_that_is_not_utf8_is_refused(
+    tmp_path: Path,
+) -> None:
+    rows = annotation_rows()[:3]
+    text = write_csv(tmp_path / "a.csv", rows).read_text(encoding="utf-8")
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(text.encode("utf-8-sig"))  # a spreadsheet's "CSV UTF-8"
+    assert read_table(bom) == rows
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(text.replace("the cat", "the café").encode("latin-1"))
+    with pytest.raises(InvalidInputError, match=r"latin1.csv is not UTF-8 text \(line 2,"):
+        read_table(latin1)
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes('{"user": "a"}\n{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(InvalidInputError, match=r"not UTF-8 text \(line 2,"):
+        read_table(jsonl)
+
+
+def test_rows_with_values_that_are_not_str_read_as_the_jsonl_reader_reads_them(
+    tmp_path: Path,
+) -> None:
+    """Rows from pandas' to_dict("records") carry ints, floats, None and NaN."""
+    rows: list[dict[str, object]] = [
+        {"user": i % 2, "text": f"text {i}", "score": float(i % 3) - 1.0} for i in range(6)
+    ]
+    rows[4]["score"], rows[5]["text"] = None, float("nan")
+    config = EvalConfig(label_column="score", label_map=LabelMap("x>0"))
+    records, dropped = to_records(rows, config, "classification", LABELS)
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert (records, dropped) == to_records(read_table(jsonl), config, "classification", LABELS)
+    assert dropped == 2 and [(r.user, r.label) for r in records] == [
+        ("0", "no"),
+        ("1", "no"),
+        ("0", "yes"),
+        ("1", "no"),
+    ]
+
+
+@pytest.mark.parametrize("data", [{"user": "a"}, ["user,text,label"], "not a path", 3])
+def test_data_that_is_not_rows_is_a_typed_error(data: object) -> None:
+    with pytest.raises(InvalidInputError, match="mapping of column"):
+        as_table(data)
+    with pytest.raises(InvalidInputError, match="mapping of column"):
+        evaluate(data if not isinstance(data, str) else [data], "/nonexistent/bundle")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("column", ["user", "text", "label"])
+@pytest.mark.parametrize("value", ["", " ", "nan", "NaN", "null", "None"])
+def test_a_missing_user_text_or_label_drops_the_row_and_counts_it(column: str, value: str) -> None:
+    rows = annotation_rows()
+    rows[0] = rows[0] | {column: value}
+    records, dropped = to_records(rows, EvalConfig(), "classification", LABELS)
+    assert dropped == 1 and len(records) == len(rows) - 1
+    assert {r.text for r in records} == {r["text"] for r in rows[1:]}
+
+
+@pytest.mark.parametrize("split", ["random", "time"])
+def test_every_copy_of_a_users_text_is_on_one_side_of_the_split(split: str) -> None:
+    """Duplicated (user, text) rows: no test text is among the same user's training rows,
+    and the copies are counted."""
+    rows = annotation_rows()
+    doubled = rows + [r | {"time": str(int(r["time"]) + 500)} for r in rows if r["user"] == "cid"]
+    config = EvalConfig(time_column="time", split=split)  # type: ignore[arg-type]
+    records, _ = to_records(doubled, config, "classification", LABELS)
+    assert duplicate_rows(records) == TEXTS_PER_USER
+    splits = split_users(records, config)
+    for user, s in splits.items():
+        assert not {r.text for r in s.train} & {r.text for r in s.test}
+        assert len(s.train) + len(s.test) == (2 if user == "cid" else 1) * TEXTS_PER_USER
+    assert len(splits["cid"].test) == 2 * len(splits["ann"].test)
+    single, _ = to_records(rows, config, "classification", LABELS)
+    assert duplicate_rows(single) == 0

@@ -6,14 +6,16 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from edgeperso import InvalidInputError, Personalizer, RawKey, Store, TrainConfig
 from edgeperso.evaluate import EvalConfig, EvalReport, LabelMap, evaluate, macro_f1
+from edgeperso.evaluate._evaluate import _read_cache, _write_cache
 from edgeperso.runtime._head import fit_logistic
-from tests.edgeperso.evaluate.conftest import annotation_rows
+from tests.edgeperso.evaluate.conftest import TEXTS_PER_USER, annotation_rows
 
 CONFIG = EvalConfig(
     label_column="score",
@@ -163,3 +165,88 @@ def test_global_epochs_train_the_global_adapter_then_cross_validate_the_head_aga
     # parameters are different, and cached apart
     with np.load(cache) as npz:
         assert len(npz["keys"]) == 2 * report.global_head["distinct_texts"]
+
+
+def test_a_feature_cache_in_a_missing_folder_is_refused_before_any_work(tmp_path: Path) -> None:
+    config = EvalConfig(feature_cache=str(tmp_path / "missing" / "f.npz"))
+    with pytest.raises(InvalidInputError, match=r"feature_cache: the folder of .*missing"):
+        evaluate(annotation_rows(), tmp_path / "no-bundle", config)
+    with pytest.raises(InvalidInputError, match="is a folder"):
+        evaluate(annotation_rows(), tmp_path / "no-bundle", EvalConfig(feature_cache=str(tmp_path)))
+
+
+def unreadable_caches(folder: Path) -> list[Path]:
+    """Half of a real cache (a torn write), a file that is not an npz, another npz."""
+    good = folder / "good.npz"
+    np.savez(good, keys=np.array(["a" * 64, "b" * 64]), features=np.ones((2, 4), np.float32))
+    torn, junk, other = folder / "torn.npz", folder / "junk.npz", folder / "other.npz"
+    torn.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    junk.write_bytes(b"junk\n")
+    np.savez(other, a=np.zeros(3))
+    return [torn, junk, other]
+
+
+def test_an_unreadable_feature_cache_is_read_as_empty_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for path in unreadable_caches(tmp_path):
+        caplog.clear()
+        assert _read_cache(path) == {}
+        assert "is rewritten" in caplog.text and str(path) in caplog.text
+
+
+def test_an_unreadable_feature_cache_is_computed_again_and_rewritten(
+    noyes_bundle: Path, tmp_path: Path
+) -> None:
+    cache = unreadable_caches(tmp_path)[0]
+    config = EvalConfig(
+        cold_start=(),
+        max_users=1,
+        head_l2=0.1,
+        head_class_weighting=True,
+        bootstrap=10,
+        feature_cache=str(cache),
+    )
+    report = evaluate(annotation_rows(), noyes_bundle, config)
+    with np.load(cache) as npz:
+        assert len(npz["keys"]) == report.global_head["distinct_texts"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_failed_feature_cache_write_keeps_the_previous_file_and_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "features.npz"
+    _write_cache(cache, {"a" * 64: np.ones(4, np.float32)})
+    before = cache.read_bytes()
+
+    def torn_savez(file: Any, **arrays: Any) -> None:
+        file.write(b"PK half of a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", torn_savez)
+    _write_cache(cache, {"b" * 64: np.zeros(4, np.float32)})
+    assert cache.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["features.npz"]
+    assert "was not written: No space left on device" in caplog.text
+
+
+def test_a_run_that_would_evaluate_no_user_is_refused_up_front(noyes_bundle: Path) -> None:
+    config = EvalConfig(min_user_rows=TEXTS_PER_USER + 1)
+    with pytest.raises(
+        InvalidInputError, match=r"no user can be evaluated: of 6 user\(s\), 6 have fewer .* is 30;"
+    ):
+        evaluate(annotation_rows(), noyes_bundle, config)
+    one_text = [r | {"text": "the same text"} for r in annotation_rows()]
+    with pytest.raises(InvalidInputError, match="6 have a single distinct text"):
+        evaluate(one_text, noyes_bundle, EvalConfig())
+
+
+def test_duplicate_rows_are_counted_in_the_report(report: EvalReport, noyes_bundle: Path) -> None:
+    assert report.data["duplicate_rows"] == 0
+    rows = annotation_rows()
+    config = EvalConfig(
+        cold_start=(), max_users=1, head_l2=0.1, head_class_weighting=True, bootstrap=10
+    )
+    doubled = evaluate(rows + rows[:7], noyes_bundle, config)
+    assert doubled.data["duplicate_rows"] == 7 and doubled.data["rows"] == len(rows) + 7
