@@ -6,6 +6,7 @@ The whole public surface is listed in `__all__` below.
 from edgeperso._errors import (
     BudgetExhaustedError,
     BundleIntegrityError,
+    CancelledError,
     EdgePersoError,
     IntegrityError,
     InvalidInputError,
@@ -34,6 +35,7 @@ __all__ = [
     "BudgetExhaustedError",
     "Bundle",
     "BundleIntegrityError",
+    "CancelledError",
     "EdgePersoError",
     "Example",
     "Feedback",

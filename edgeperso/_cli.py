@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from edgeperso._errors import EdgePersoError, InvalidInputError, UnsupportedError
+from edgeperso._errors import CancelledError, EdgePersoError, InvalidInputError, UnsupportedError
 
 USAGE_ERROR = 2  # argparse's exit status for a bad command line; typed errors use it too
 
@@ -31,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgePersoError as exc:
         print(f"edgeperso {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"edgeperso {args.command}: interrupted", file=sys.stderr)
+        return 130
     return code
 
 
@@ -179,7 +182,9 @@ def _train(args: argparse.Namespace) -> int:
 
     def on_interrupt(signum: int, frame: Any) -> None:
         nonlocal cancelled
-        cancelled = True  # train() stops at the next step and keeps its best so far
+        if cancelled:  # a second Ctrl-C: stop now (the store's writes are atomic)
+            raise KeyboardInterrupt
+        cancelled = True  # train() stops at the next example or step
 
     # Installed first, so that a Ctrl-C while the store and bundle open cancels too.
     previous = signal.signal(signal.SIGINT, on_interrupt)
@@ -206,9 +211,16 @@ def _train(args: argparse.Namespace) -> int:
                     if advance is None
                     else (lambda p: advance("adapter steps", p.step, p.total_steps))
                 )
-                result = model.train(
-                    args.user, config, on_progress=on_progress, cancel=lambda: cancelled
-                )
+                try:
+                    result = model.train(
+                        args.user, config, on_progress=on_progress, cancel=lambda: cancelled
+                    )
+                except CancelledError:
+                    print(
+                        f"user {args.user}: cancelled before anything was fitted; the stored "
+                        "adapter is unchanged"
+                    )
+                    return 130
     finally:
         signal.signal(signal.SIGINT, previous)
     print(
@@ -224,6 +236,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from edgeperso.evaluate import EvalConfig, LabelMap, evaluate, read_table, write_plots
+    from edgeperso.evaluate._paths import output_folder
     from edgeperso.runtime import TrainConfig
 
     try:
@@ -272,6 +285,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         save_global=str(args.save_global) if args.save_global else None,
     )
     rows = read_table(args.data, texts=args.texts, join_on=args.join_on)
+    output_folder(args.out, "--out")  # now, not after the run
     with _progress(args.quiet) as advance:
         on_progress = None if advance is None else (lambda e: advance(e.stage, e.done, e.total))
         report = evaluate(rows, args.bundle, config, on_progress=on_progress)

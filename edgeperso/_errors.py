@@ -10,6 +10,7 @@
     ├── KeyUnavailableError        a key could not be obtained (keystore missing, wrong secret)
     │   └── WrongKeyError          a key or passphrase was given, and it is not the right one
     ├── LockedError                another process holds the resource: retry later
+    ├── CancelledError             the caller cancelled before there was a result to return
     ├── StorageError               the disk refused (full, read-only, I/O error)
     └── BudgetExhaustedError       a privacy or training budget is spent
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 __all__ = [
     "BudgetExhaustedError",
     "BundleIntegrityError",
+    "CancelledError",
     "EdgePersoError",
     "IntegrityError",
     "InvalidInputError",
@@ -73,6 +75,11 @@ class WrongKeyError(KeyUnavailableError):
 
 class LockedError(EdgePersoError):
     """Another process or thread holds the resource; retry when it is released."""
+
+
+class CancelledError(EdgePersoError):
+    """The call was cancelled (its `cancel` callback, or a `forget` of the same user) before
+    it had a result; nothing it would have written was written."""
 
 
 class StorageError(EdgePersoError):

@@ -41,6 +41,8 @@ class Bundle:
         the bundle's schema is newer than this runtime, and BundleIntegrityError if any file
         is missing, truncated or modified.
         """
+        if not isinstance(path, str | os.PathLike):
+            raise InvalidInputError(f"bundle path must be a str or path, not {type(path).__name__}")
         root = Path(path)
         if not root.is_dir():
             raise InvalidInputError(f"bundle path {str(root)!r} is not a directory")

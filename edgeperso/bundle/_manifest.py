@@ -261,6 +261,11 @@ class Manifest:
 
 
 def _build(cls: type[Any], data: Mapping[str, Any]) -> Any:
+    if not isinstance(data, Mapping):
+        raise InvalidInputError(
+            f"invalid bundle manifest: a {cls.__name__} entry is not an object; re-export "
+            "the bundle"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:

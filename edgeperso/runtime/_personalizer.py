@@ -12,12 +12,11 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeperso._errors import InvalidInputError, UnsupportedError
+from edgeperso._errors import CancelledError, InvalidInputError, LockedError, UnsupportedError
 from edgeperso.bundle import INFER_GRAPH, Bundle, Manifest
 from edgeperso.runtime import _params, _shared
 from edgeperso.runtime._head import fit_logistic, fit_ridge, knn_mix, unit_rows
@@ -39,6 +38,7 @@ from edgeperso.runtime._trainer import (
     stratified_folds,
 )
 from edgeperso.store import Example, Feedback, KeyProvider, Store
+from edgeperso.store._codec import check_user
 from edgeperso.store._package import open_package, seal_package
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,11 @@ ADAPTER_PACKAGE = "edgeperso.adapter/1"  # the kind of sealed package export_ada
 CHECKPOINT = "train-checkpoint"  # optimizer state of an unfinished train() call
 CORRECTION = "correction"  # a feedback event that relabels an example
 SHARED_USER = "__edgeperso_shared__"  # persona/global parameters installed by federation
+# Beside the arrays of every stored adapter, checkpoint and shared-parameter blob: the
+# bundle_identity they were made for. What another bundle made is not used (an app update
+# that ships a new export): its shapes may match and its meaning not.
+BUNDLE_KEY = "__bundle__"
+EMBEDDINGS_OF = "edgeperso.embeddings_of"  # user state: the bundle that made the embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,12 +139,14 @@ class Personalizer:
         self._encoder = TextEncoder(
             bundle.path_of(self.manifest.tokenizer), self.manifest.max_length
         )
-        self._shared = _params.shared_params(self.manifest, bundle.initial_params())
+        self._shared_defaults = _params.shared_params(self.manifest, bundle.initial_params())
+        self._shared_now = self._shared_defaults
+        self._shared_token: bytes | None = b""  # never a token: read at first use
         self._served: OrderedDict[str, _Served] = OrderedDict()
         self._served_lock = threading.Lock()
-        installed = store.get_blob(SHARED_USER, "shared") if SHARED_USER in store.users() else None
-        if installed is not None:
-            self._shared.update(_params.from_bytes(installed))
+        # Users a forget() is waiting for: their running train() calls cancel themselves.
+        self._forgetting: Counter[str] = Counter()
+        self._shared  # noqa: B018 - reads the installed ones now: a bad store fails at open
 
     @classmethod
     def open(
@@ -151,7 +158,7 @@ class Personalizer:
     ) -> Personalizer:
         """Verify the bundle (every hash) and create the one shared inference session."""
         if not isinstance(bundle, Bundle):
-            bundle = Bundle.load(Path(bundle))
+            bundle = Bundle.load(bundle)
         if not isinstance(store, Store):
             raise InvalidInputError("store must be an edgeperso Store (Store.open(...))")
         return cls(bundle, store, session or SessionOptions())
@@ -160,6 +167,7 @@ class Personalizer:
 
     def add_examples(self, user: str, examples: Sequence[Example]) -> list[int]:
         """Validate and store examples (encrypted), and cache their history embeddings."""
+        _check_app_user(user)
         if not examples:
             raise InvalidInputError("examples is empty")
         for i, ex in enumerate(examples):
@@ -167,17 +175,22 @@ class Personalizer:
                 raise InvalidInputError(f"examples[{i}] is not an edgeperso Example")
             self._check_label(ex.label, f"examples[{i}].label")
         check_texts([ex.text for ex in examples])
-        ids = self.store.add_examples(user, examples)
+        # Embedded first: the slow part stores nothing if it is interrupted.
         features = self._run_base([ex.text for ex in examples], ["features"])[0]
+        ids = self.store.add_examples(user, examples)
         self.store.put_embeddings(user, dict(zip(ids, features, strict=True)))
+        if self.store.get_state(user, EMBEDDINGS_OF) != self.bundle_identity:
+            self._embeddings(user)  # stamps them (and redoes those another bundle made)
         return ids
 
     def add_feedback(self, user: str, events: Sequence[Feedback]) -> list[int]:
         """Store feedback events (encrypted). A `Feedback("correction", value=label,
         example_id=id)` replaces that example's label in later training; other events are
         kept for the app."""
+        _check_app_user(user)
         if not events:
             raise InvalidInputError("events is empty")
+        known: set[int | None] | None = None
         for i, event in enumerate(events):
             if not isinstance(event, Feedback):
                 raise InvalidInputError(f"events[{i}] is not an edgeperso Feedback")
@@ -187,13 +200,57 @@ class Personalizer:
                         f"events[{i}]: a correction names an example_id and its new value"
                     )
                 self._check_label(event.value, f"events[{i}].value")
+                if known is None:
+                    known = {ex.id for ex in self.store.examples(user)}
+                if event.example_id not in known:
+                    raise InvalidInputError(
+                        f"events[{i}]: example {event.example_id} is not one of this user's "
+                        "examples (use an id that add_examples returned for this user)"
+                    )
         return self.store.add_feedback(user, events)
 
-    def forget(self, user: str) -> bool:
-        """Crypto-shred everything about `user`: examples, embeddings, adapter, checkpoints."""
+    def forget(self, user: str, *, wait_s: float = 60.0) -> bool:
+        """Crypto-shred everything about `user`: examples, embeddings, adapter, checkpoints,
+        and the user's lock file. Returns False if the store held nothing of theirs.
+
+        Holds the user's lock while it shreds, so that no trainer can write afterwards
+        what it derived from the shredded examples: a `train()` of this user in this process
+        is cancelled and waited for; one in another process (e.g. `edgeperso train`) is
+        waited for up to `wait_s` seconds, then LockedError is raised and nothing is deleted.
+        """
+        _check_app_user(user)
+        if not (isinstance(wait_s, int | float) and 0 <= wait_s < math.inf):
+            raise InvalidInputError("wait_s must be a finite number of seconds >= 0")
         with self._served_lock:
-            self._served.pop(user, None)
-        return self.store.forget_user(user)
+            self._forgetting[user] += 1
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    lock = self.store.lock_user(user)
+                    break
+                except LockedError:
+                    if time.monotonic() >= deadline:
+                        raise LockedError(
+                            f"a trainer of this user is still running after {wait_s:g} s, "
+                            "probably in another process: nothing was deleted; stop it and "
+                            "call forget() again"
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                with self._served_lock:
+                    self._served.pop(user, None)
+                found = self.store.forget_user(user)
+            except BaseException:
+                lock.release()
+                raise
+            lock.remove()
+            return found
+        finally:
+            with self._served_lock:
+                self._forgetting[user] -= 1
+                if not self._forgetting[user]:
+                    del self._forgetting[user]
 
     # -- moving a user between devices --------------------------------------------------------
 
@@ -202,16 +259,20 @@ class Personalizer:
         that `import_adapter(..., key)` on another device opens it (e.g. a PassphraseKey the
         user types on both). Raw examples are not included: move those with a store backup.
         """
-        blob = self.store.get_blob(user, ADAPTER)
-        if blob is None:
+        _check_app_user(user)
+        stored = self._stored_adapter(user)
+        if stored is None:
             raise InvalidInputError(
-                "this user has no accepted adapter to export (train() kept the shared model "
-                "or was never run)"
+                "this user has no accepted adapter for this bundle to export (train() kept "
+                "the shared model, was never run, or ran under another bundle)"
             )
+        user_params, knn = stored
+        if knn is not None:
+            user_params |= _params.knn_memory(*knn)
         history, mask = self._history(user)
-        payload = _params.from_bytes(blob) | {
+        payload = user_params | {
             "__history__": history[mask > 0],
-            "__bundle__": np.frombuffer(self.bundle_identity.encode(), np.uint8),
+            BUNDLE_KEY: np.frombuffer(self.bundle_identity.encode(), np.uint8),
         }
         return seal_package(_params.to_bytes(payload), ADAPTER_PACKAGE, key)
 
@@ -219,8 +280,9 @@ class Personalizer:
         """Install an adapter exported by `export_adapter` for `user` on this device. The
         package must come from the same bundle; the user's own later examples are attended
         over after the imported history."""
+        _check_app_user(user)
         params = _params.from_bytes(open_package(package, ADAPTER_PACKAGE, key))
-        identity = bytes(params.pop("__bundle__", np.zeros(0, np.uint8))).decode(errors="replace")
+        identity = bytes(params.pop(BUNDLE_KEY, np.zeros(0, np.uint8))).decode(errors="replace")
         if identity != self.bundle_identity:
             raise UnsupportedError(
                 "this adapter was trained for another bundle (a different model or export); "
@@ -240,8 +302,8 @@ class Personalizer:
         if history.dtype != np.float32 or history.ndim != 2 or history.shape[1] != width:
             raise InvalidInputError("the package's history embeddings have the wrong shape")
         with self.store.lock_user(user):
-            self.store.put_blob(user, IMPORTED_HISTORY, _params.to_bytes({"h": history}), keep=1)
-            self.store.put_blob(user, ADAPTER, _params.to_bytes(params), keep=2)
+            self.store.put_blob(user, IMPORTED_HISTORY, self._stamp({"h": history}), keep=1)
+            self.store.put_blob(user, ADAPTER, self._stamp(params), keep=2)
 
     @property
     def bundle_identity(self) -> str:
@@ -251,6 +313,25 @@ class Personalizer:
         return ",".join(
             sorted(f"{f.path}={f.sha256}" for f in self.manifest.files if f.path in graphs)
         )
+
+    def _stamp(self, params: Mapping[str, np.ndarray]) -> bytes:
+        """Parameters as stored, with the bundle they are for."""
+        identity = np.frombuffer(self.bundle_identity.encode(), np.uint8)
+        return _params.to_bytes({**params, BUNDLE_KEY: identity})
+
+    def _unstamp(self, blob: bytes, what: str) -> Params | None:
+        """Stored parameters, or None (logged) when another bundle made them. A blob
+        without a stamp (written before stamps existed) is taken as this bundle's."""
+        params = _params.from_bytes(blob)
+        stamp = params.pop(BUNDLE_KEY, None)
+        if stamp is not None and bytes(stamp).decode(errors="replace") != self.bundle_identity:
+            log.warning(
+                "%s were made for another bundle (a different model or export) and are not "
+                "used; train again, or install them again, under this bundle",
+                what,
+            )
+            return None
+        return params
 
     # -- inference --------------------------------------------------------------------------
 
@@ -292,10 +373,11 @@ class Personalizer:
     def similar(self, user: str, text: str, k: int = 5) -> list[tuple[Example, float]]:
         """Retrieval over the user's own history: the k examples most similar to `text`
         (cosine of base-model embeddings), best first."""
-        if k < 1:
-            raise InvalidInputError("k must be >= 1")
+        _check_app_user(user)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidInputError("k must be an int >= 1")
         check_texts([text])
-        cached = self.store.embeddings(user)
+        cached = self._embeddings(user)
         if not cached:
             return []
         query = self._run_base([text], ["features"])[0][0]
@@ -312,8 +394,30 @@ class Personalizer:
         """The persona and global parameters currently in use (copies)."""
         return {k: v.copy() for k, v in self._shared.items()}
 
+    @property
+    def _shared(self) -> Params:
+        """The persona/global parameters in use: the bundle's, updated by the last
+        `install_shared` of any process on this store (read again when the store says they
+        changed, as a user's adapter is)."""
+        token = self.store.user_version(SHARED_USER)
+        if token == self._shared_token:
+            return self._shared_now
+        installed = self.store.get_blob(SHARED_USER, "shared") if token is not None else None
+        shared = dict(self._shared_defaults)
+        if installed is not None:
+            params = self._unstamp(installed, "the installed persona/global parameters")
+            if params is not None:
+                shared |= params
+        with self._served_lock:
+            self._shared_now, self._shared_token = shared, token
+            self._served.clear()  # every user's feeds hold the shared parameters
+        return shared
+
     def install_shared(self, params: Mapping[str, np.ndarray]) -> None:
-        """Install new persona/global parameters (from a federated round); persisted."""
+        """Install new persona/global parameters (from a federated round); persisted, and
+        used by every Personalizer on this store from its next call."""
+        if not isinstance(params, Mapping):
+            raise InvalidInputError("params must be a mapping of parameter name -> array")
         specs = tuple(p for p in self.manifest.params if p.level != "user" and p.name in params)
         unknown = set(params) - {p.name for p in self.manifest.params if p.level != "user"}
         if unknown:
@@ -322,10 +426,8 @@ class Personalizer:
             )
         _params.check_params(specs, params)
         updated = self._shared | {k: np.array(v, np.float32) for k, v in params.items()}
-        self.store.put_blob(SHARED_USER, "shared", _params.to_bytes(updated), keep=2)
-        self._shared = updated
-        with self._served_lock:
-            self._served.clear()  # every user's feeds hold the shared parameters
+        self.store.put_blob(SHARED_USER, "shared", self._stamp(updated), keep=2)
+        self._shared  # noqa: B018 - takes them in (and clears the users' cached feeds)
 
     def shared_update(self, user: str, names: Sequence[str], *, l2: float = 1.0) -> SharedUpdate:
         """This device's contribution to a federated round over the shared parameters `names`
@@ -337,12 +439,16 @@ class Personalizer:
             client.contribute(task, before=update.before, after=update.after,
                               summary=update.summary, num_examples=update.num_examples)
         """
+        _check_app_user(user)
         if self.manifest.task == "embedding":
             raise UnsupportedError(
                 "an embedding bundle has no shared head to refit: federated rounds take "
                 "classification and regression bundles"
             )
-        unknown = [n for n in names if n not in self._shared]
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise InvalidInputError("names must be a sequence of parameter names")
+        shared = self._shared
+        unknown = [n for n in names if n not in shared]
         if unknown:
             raise InvalidInputError(
                 f"not persona/global parameters of this bundle: {sorted(unknown)}"
@@ -354,7 +460,7 @@ class Personalizer:
         self._check_enough(examples)
         data = self._prepare(user, examples, with_prefix=False)
         w, b = self._fit_head(data, np.arange(len(examples)), float(l2), config)
-        before = {n: self._shared[n].copy() for n in names}
+        before = {n: shared[n].copy() for n in names}
         after = {n: v.copy() for n, v in before.items()}
         if "global.head.w" in after:
             after["global.head.w"][: w.shape[0]] += w
@@ -427,12 +533,19 @@ class Personalizer:
         the same examples and settings (the time budget may differ) goes on where a killed,
         cancelled or out-of-time call stopped; a completed call removes its checkpoint.
 
+        `cancel` is asked between examples of the feature pass and between adapter steps.
+        Cancelled in the feature pass, before anything is fitted, train() raises
+        CancelledError and changes nothing; cancelled in the adapter stage, it keeps the best
+        parameters found so far and says `stopped="cancelled"`. A `forget()` of the same user
+        cancels it the same way.
+
         On an embedding bundle an example's label names a group (any string): the adapter
         stage, the only one there is, trains the user's LoRA so that texts of one group
         embed close together (supervised contrastive loss), and keeps it only if a held-out
         text's most similar training text is of its group more often than with the shared
         model.
         """
+        _check_app_user(user)
         config = config or TrainConfig()
         if not isinstance(config, TrainConfig):
             raise InvalidInputError("config must be a TrainConfig")
@@ -442,7 +555,11 @@ class Personalizer:
                 "with this version of edgeperso-export to train on device"
             )
         with self.store.lock_user(user):
-            return self._train_locked(user, config, on_progress, cancel)
+
+            def stop() -> bool:  # the caller's cancel, or a forget() of this user
+                return user in self._forgetting or (cancel is not None and bool(cancel()))
+
+            return self._train_locked(user, config, on_progress, stop)
 
     def _train_locked(
         self,
@@ -455,7 +572,7 @@ class Personalizer:
         examples = self._training_examples(user, config)
         self._check_enough(examples)
         embedding = self.manifest.task == "embedding"  # the adapter is its only stage
-        data = self._prepare(user, examples, with_prefix=config.adapter or embedding)
+        data = self._prepare(user, examples, with_prefix=config.adapter or embedding, cancel=cancel)
         rng = np.random.default_rng(config.seed)
         chosen: tuple[str, Any] | None = None
         global_score = best_score = math.nan
@@ -492,7 +609,7 @@ class Personalizer:
 
         size = 0
         if kept is not None:
-            blob = _params.to_bytes(kept)
+            blob = self._stamp(kept)
             self.store.put_blob(user, ADAPTER, blob, keep=2)
             size = len(blob)
             reason = {
@@ -766,6 +883,16 @@ class Personalizer:
             for ex in self.store.examples(user)
         ]
         examples = [ex for ex in examples if ex.label is not None]
+        for ex in examples:
+            # Stored through the Store API, or under a bundle with other labels: checked
+            # here too, naming the example and never its label.
+            try:
+                self._check_label(ex.label, f"the label of stored example {ex.id}")
+            except InvalidInputError as exc:
+                raise InvalidInputError(
+                    f"{exc}; correct it (add_feedback with a correction) or delete the "
+                    "example, then train again"
+                ) from None
         examples.sort(key=lambda ex: (ex.timestamp, ex.id or 0))
         if config.max_examples is not None:
             examples = examples[-config.max_examples :]
@@ -786,9 +913,17 @@ class Personalizer:
                     "with 3 examples or more (a pair to train on and one to hold out)"
                 )
 
-    def _prepare(self, user: str, examples: list[Example], *, with_prefix: bool) -> _Prepared:
+    def _prepare(
+        self,
+        user: str,
+        examples: list[Example],
+        *,
+        with_prefix: bool,
+        cancel: Callable[[], bool] | None = None,
+    ) -> _Prepared:
         """One run of the inference graph per example, under the shared parameters and the
-        user's history with no user parameters: exactly what a fresh user is served."""
+        user's history with no user parameters: exactly what a fresh user is served.
+        `cancel` is asked between examples: this pass is most of a head-only train()."""
         ids, prefixes, features, outputs, truncated = [], [], [], [], 0
         # Training pads to the exported sequence buckets; a text longer than the largest one
         # is cut there, and counted as truncated like a text over max_length.
@@ -798,6 +933,11 @@ class Personalizer:
         feeds |= {"history": history, "history_mask": mask}
         wanted = ["features", "output", *(["prefix"] if with_prefix else [])]
         for ex in examples:
+            if cancel is not None and cancel():
+                raise CancelledError(
+                    "train() was cancelled before anything was fitted: the user's stored "
+                    "adapter is unchanged; call train() again to train"
+                )
             enc = self._encoder.encode([ex.text])
             truncated += int(enc.truncated[0] or (with_prefix and enc.input_ids.shape[1] > longest))
             values = self._infer.run(wanted, feeds | self._base_feeds(enc))
@@ -925,16 +1065,39 @@ class Personalizer:
                 "example's group (texts of one group are trained to embed close together)"
             )
 
+    def _embeddings(self, user: str) -> dict[int, np.ndarray]:
+        """The user's history embeddings (example id -> base-model features), all made by
+        this bundle: those of examples that have none (an add_examples interrupted between
+        its two writes) or whose embeddings another bundle made (an app update) are
+        computed now and stored."""
+        cached = self.store.embeddings(user)
+        made_by = self.store.get_state(user, EMBEDDINGS_OF)
+        if made_by is not None and made_by != self.bundle_identity:
+            log.info("recomputing a user's history embeddings: another bundle made them")
+            self.store.delete_embeddings(user)
+            cached = {}
+        examples = self.store.examples(user)
+        missing = [ex for ex in examples if ex.id not in cached]
+        if missing:
+            features = self._run_base([ex.text for ex in missing], ["features"])[0]
+            fresh = {int(ex.id): row for ex, row in zip(missing, features, strict=True)}  # type: ignore[arg-type]
+            self.store.put_embeddings(user, fresh)
+            cached |= fresh
+        if examples and made_by != self.bundle_identity:
+            self.store.set_state(user, EMBEDDINGS_OF, self.bundle_identity)
+        return cached
+
     def _history(self, user: str) -> tuple[np.ndarray, np.ndarray]:
         ue = self.manifest.user_embedding
         size = ue.history_size if ue else 1
         history = np.zeros((size, self.manifest.hidden_size), np.float32)
         mask = np.zeros(size, np.float32)
-        cached = self.store.embeddings(user) if ue else {}
+        cached = self._embeddings(user) if ue else {}
         rows = [cached[k] for k in sorted(cached)]
-        imported = self.store.get_blob(user, IMPORTED_HISTORY) if ue else None
+        blob = self.store.get_blob(user, IMPORTED_HISTORY) if ue else None
+        imported = None if blob is None else self._unstamp(blob, "a user's imported history")
         if imported is not None:  # older than anything added on this device
-            rows = list(_params.from_bytes(imported)["h"]) + rows
+            rows = list(imported["h"]) + rows
         for row, vector in enumerate(rows[-size:]):
             history[row] = vector
             mask[row] = 1.0
@@ -961,27 +1124,45 @@ class Personalizer:
     def _serving(self, user: str) -> _Served:
         """The user's adapter and history as inference feeds: decrypted from the store once,
         then kept in memory until the store says the user's data changed (in any process)."""
+        _check_app_user(user)
+        shared = self._shared  # first: a change there empties the cache
         token = self.store.user_version(user)
         with self._served_lock:
             served = self._served.get(user)
             if served is not None and served.token == token:
                 self._served.move_to_end(user)
                 return served
-        blob = self.store.get_blob(user, ADAPTER)
-        user_params = _params.from_bytes(blob) if blob is not None else self._zero_user()
-        user_params, knn = _params.split_knn(user_params, self.manifest)
-        feeds = _params.infer_feeds(self.manifest, self._shared | user_params)
+        stored = self._stored_adapter(user)
+        user_params, knn = stored if stored is not None else (self._zero_user(), None)
+        feeds = _params.infer_feeds(self.manifest, shared | user_params)
         history, mask = self._history(user)
         feeds |= {"history": history, "history_mask": mask}
         # A write between the token and these reads leaves a stale token: the next call
         # sees a newer one and reads again, so the cache never serves older data than this.
-        served = _Served(token, feeds, knn, blob is not None)
+        served = _Served(token, feeds, knn, stored is not None)
         with self._served_lock:
             self._served[user] = served
             self._served.move_to_end(user)
             while len(self._served) > _SERVED_USERS:
                 self._served.popitem(last=False)
         return served
+
+    def _stored_adapter(
+        self, user: str
+    ) -> tuple[Params, tuple[np.ndarray, np.ndarray, int, float] | None] | None:
+        """The user's stored adapter as (user parameters, retrieval memory), or None when
+        there is none that fits this bundle."""
+        blob = self.store.get_blob(user, ADAPTER)
+        params = None if blob is None else self._unstamp(blob, "a user's stored adapter")
+        if params is None:
+            return None
+        try:
+            user_params, knn = _params.split_knn(params, self.manifest)
+            _params.check_params(self.manifest.params_at("user"), user_params)
+        except InvalidInputError:  # an unstamped adapter of another bundle
+            log.warning("a user's stored adapter does not fit this bundle and is not used")
+            return None
+        return user_params, knn
 
     def _run(
         self, texts: Sequence[str], outputs: list[str], feeds: Mapping[str, np.ndarray]
@@ -1007,6 +1188,7 @@ class Personalizer:
         settings = dataclasses.asdict(config)
         del settings["max_seconds"]
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        digest.update(self.bundle_identity.encode())  # a checkpoint is for one bundle
         for ids in data.ids:
             digest.update(ids.tobytes() + b",")
         digest.update(data.targets.tobytes())
@@ -1045,6 +1227,15 @@ class Personalizer:
         optimizer.load({k[2:]: v for k, v in blob.items() if k.startswith("o.")})
         best = {k[2:]: v for k, v in blob.items() if k.startswith("b.")} or None
         return int(meta["step"]), best, float(meta["best_score"]), int(meta["step"])
+
+
+def _check_app_user(user: object) -> None:
+    check_user(user)
+    if user == SHARED_USER:
+        raise InvalidInputError(
+            f"the user id {SHARED_USER!r} is reserved: this store keeps the installed "
+            "persona/global parameters under it"
+        )
 
 
 def _pairs_first(data: _Prepared, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:

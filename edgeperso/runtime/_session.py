@@ -27,6 +27,10 @@ class SessionOptions:
     inter_op_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.providers, str) or not isinstance(self.providers, Sequence):
+            raise InvalidInputError(
+                "providers must be a sequence of provider names, e.g. ('CPUExecutionProvider',)"
+            )
         if not self.providers:
             raise InvalidInputError("providers must name at least one execution provider")
         unknown = [p for p in self.providers if p not in ort.get_available_providers()]
@@ -37,8 +41,10 @@ class SessionOptions:
             )
         for name in ("intra_op_threads", "inter_op_threads"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InvalidInputError(f"{name} must be >= 1 or None")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise InvalidInputError(f"{name} must be an int >= 1 or None")
 
 
 class Graph:

@@ -118,6 +118,13 @@ def train_shared(
         )
     if not isinstance(config, SharedTrainConfig):
         raise InvalidInputError("config must be a SharedTrainConfig")
+    if names is not None and (isinstance(names, str) or not isinstance(names, Sequence)):
+        raise InvalidInputError("names must be a sequence of parameter names, or None")
+    if isinstance(examples, str) or not isinstance(examples, Sequence):
+        raise InvalidInputError("examples must be a sequence of edgeperso Examples")
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, Example):
+            raise InvalidInputError(f"examples[{i}] is not an edgeperso Example")
     shared = model.shared_params()
     names = default_names(model) if names is None else list(names)
     graph0 = model._train_graph(manifest.train.graphs[0].file)
@@ -254,6 +261,9 @@ def save_shared_file(
     """Write `params` to `path` (safetensors) with the bundle identity they belong to and
     `metadata`; atomically (a temporary file renamed over `path`). Returns the file's
     SHA-256 (hex)."""
+    _check_path(path)
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise InvalidInputError("metadata must map str to str")
     extra = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise InvalidInputError("metadata must map str to str")
@@ -277,11 +287,17 @@ def save_shared_file(
     return sha256_file(target)
 
 
+def _check_path(path: object) -> None:
+    if not isinstance(path, str | os.PathLike):
+        raise InvalidInputError(f"path must be a str or path, not {type(path).__name__}")
+
+
 def load_shared_file(
     path: str | os.PathLike[str], bundle_identity: str
 ) -> tuple[Params, dict[str, str]]:
     """(parameters, metadata) of a file `save_shared_file` wrote for this bundle identity.
     InvalidInputError when it is missing, not such a file, or made for another bundle."""
+    _check_path(path)
     source = Path(path)
     if not source.is_file():
         raise InvalidInputError(f"{source}: no such file (write one with save_shared)")

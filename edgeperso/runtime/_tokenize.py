@@ -10,6 +10,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edgeperso._errors import InvalidInputError
+from edgeperso.store._codec import check_unicode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,3 +51,4 @@ def check_texts(texts: Sequence[str]) -> None:
             raise InvalidInputError(f"texts[{i}] is {type(text).__name__}, not str")
         if not text.strip():
             raise InvalidInputError(f"texts[{i}] is empty or whitespace only")
+        check_unicode(text, f"texts[{i}]")

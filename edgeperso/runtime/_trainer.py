@@ -133,6 +133,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise InvalidInputError(f"TrainConfig.{name} must be > 0 or None")
+        if self.seed < 0:
+            raise InvalidInputError("TrainConfig.seed must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,9 +65,22 @@ def ad(table: str, user: bytes, record: bytes, fieldname: str) -> bytes:
     )
 
 
+def check_unicode(text: str, where: str) -> None:
+    """A str that UTF-8 can store: no lone surrogates (which `json.loads` of "\\ud800", or
+    bytes decoded with errors="surrogateescape", can produce)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(
+            f"{where} holds a lone surrogate, which is not valid Unicode; decode its source "
+            "with errors='replace'"
+        ) from None
+
+
 def check_user(user: object) -> str:
     if not isinstance(user, str) or not user or len(user) > 1024:
         raise InvalidInputError("user must be a non-empty str of at most 1024 characters")
+    check_unicode(user, "user")
     return user
 
 
@@ -75,7 +88,10 @@ def check_json(value: object, where: str, depth: int = 0) -> None:
     """Reject what would not round-trip through canonical JSON (NaN, non-str keys, objects)."""
     if depth > 32:
         raise InvalidInputError(f"{where} is nested deeper than 32 levels")
-    if value is None or isinstance(value, bool | int | str):
+    if isinstance(value, str):
+        check_unicode(value, where)
+        return
+    if value is None or isinstance(value, bool | int):
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -89,6 +105,7 @@ def check_json(value: object, where: str, depth: int = 0) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidInputError(f"{where} has a non-str key")
+            check_unicode(key, where)
             check_json(item, where, depth + 1)
         return
     raise InvalidInputError(f"{where} holds a {type(value).__name__}; only JSON values allowed")
@@ -102,7 +119,10 @@ def _check_time(timestamp: object, where: str) -> None:
 
 
 def _check_label(label: object, where: str) -> None:
-    if label is None or isinstance(label, str):
+    if isinstance(label, str):
+        check_unicode(label, where)
+        return
+    if label is None:
         return
     if isinstance(label, bool) or not isinstance(label, int | float):
         raise InvalidInputError(f"{where} must be a str, a number, or None")
@@ -130,6 +150,7 @@ class Example:
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
             raise InvalidInputError("Example.text must be a str")
+        check_unicode(self.text, "Example.text")
         _check_label(self.label, "Example.label")
         _check_time(self.timestamp, "Example")
         object.__setattr__(self, "metadata", _frozen_metadata(self.metadata, "Example"))
@@ -158,6 +179,7 @@ class Feedback:
     def __post_init__(self) -> None:
         if not isinstance(self.event, str) or not self.event:
             raise InvalidInputError("Feedback.event must be a non-empty str")
+        check_unicode(self.event, "Feedback.event")
         _check_label(self.value, "Feedback.value")
         _check_time(self.timestamp, "Feedback")
         if self.example_id is not None and (

@@ -136,6 +136,9 @@ class PassphraseKey(KeyProvider):
 
 
 def _check_cost(memory_kib: int, iterations: int, lanes: int) -> None:
+    for name, value in (("memory_kib", memory_kib), ("iterations", iterations), ("lanes", lanes)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidInputError(f"passphrase cost {name} must be an int")
     ok = (
         8 * lanes <= memory_kib <= _MAX_MEMORY_KIB
         and 1 <= iterations <= _MAX_ITERATIONS

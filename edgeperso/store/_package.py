@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from edgeperso._errors import InvalidInputError, TamperedError, UnsupportedError
+from edgeperso._errors import InvalidInputError, TamperedError, UnsupportedError, WrongKeyError
 from edgeperso.store import _crypto
 from edgeperso.store._codec import ad
 from edgeperso.store._keys import KeyProvider
@@ -73,8 +73,20 @@ def open_package(data: bytes, kind: str, key: KeyProvider) -> bytes:
         raise UnsupportedError(f"sealed package format {version} is newer than this EdgePerso")
     if found != kind:
         raise InvalidInputError(f"this sealed package holds a {found!r}, not a {kind!r}")
-    file_key = _crypto.unwrap_key(key.kek(params), wrapped, _FILE_KEY_AD)
-    return _crypto.SealingKey(file_key).open(data[start + size :], _payload_ad(header))
+    # The store's own messages speak of "the store" and of restoring a backup: say what is
+    # true of a package instead.
+    try:
+        file_key = _crypto.unwrap_key(key.kek(params), wrapped, _FILE_KEY_AD)
+    except WrongKeyError:
+        raise WrongKeyError(
+            "this key or passphrase does not open the package: use the one it was sealed with"
+        ) from None
+    except TamperedError:
+        raise TamperedError("the sealed package is damaged: export it again") from None
+    try:
+        return _crypto.SealingKey(file_key).open(data[start + size :], _payload_ad(header))
+    except TamperedError:
+        raise TamperedError("the sealed package is damaged: export it again") from None
 
 
 def _payload_ad(header: bytes) -> bytes:

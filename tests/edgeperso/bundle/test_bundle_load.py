@@ -72,11 +72,25 @@ def test_a_manifest_with_a_path_outside_the_bundle_is_refused(bundle_copy: Path)
         Bundle.load(bundle_copy)
 
 
+@pytest.mark.parametrize("field", ["quantization", "lora", "user_embedding"])
+@pytest.mark.parametrize("value", [[], "x", 5])
+def test_a_manifest_section_that_is_not_an_object_is_refused(
+    bundle_copy: Path, field: str, value: object
+) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest[field] = value
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InvalidInputError, match="invalid bundle manifest"):
+        Bundle.load(bundle_copy)
+
+
 def test_not_a_bundle_directory(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match=r"no manifest\.json"):
         Bundle.load(tmp_path)
     with pytest.raises(InvalidInputError, match="not a directory"):
         Bundle.load(tmp_path / "nothing")
+    with pytest.raises(InvalidInputError, match="str or path"):
+        Bundle.load(None)  # type: ignore[arg-type]
 
 
 def test_manifest_round_trips_through_json(bundle_copy: Path) -> None:

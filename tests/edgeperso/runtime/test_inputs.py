@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from edgeperso import InvalidInputError, UnsupportedError
-from edgeperso.runtime import Personalizer, TrainConfig
-from edgeperso.store import Example, Store
+from edgeperso.runtime import Personalizer, SessionOptions, TrainConfig
+from edgeperso.store import Example, PassphraseKey, Store
 from tests.edgeperso.runtime.conftest import PETS, topic_examples
 
 
@@ -148,3 +148,78 @@ def test_an_invalid_user_id_is_refused(
 ) -> None:
     with pytest.raises(InvalidInputError):
         call(classifier)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.similar("alice", PETS[0], k="3"),
+        lambda m: m.similar("alice", PETS[0], k=2.5),
+        lambda m: m.install_shared(["global.head.b"]),
+        lambda m: m.install_shared(None),
+        lambda m: m.shared_update("alice", "global.head.b"),
+        lambda m: m.shared_update("alice", None),
+        lambda m: m.train_shared("hello"),
+        lambda m: m.train_shared(topic_examples(2), names="global.head.b"),
+        lambda m: m.train("alice", TrainConfig(seed=-1)),
+        lambda m: m.predict("alice", ["a lone \ud800 surrogate"]),
+        lambda m: m.add_examples("al\udcffice", [Example("hello", label="a")]),
+        lambda m: m.save_shared(None),
+        lambda m: m.load_shared(None),
+        lambda m: m.forget("alice", wait_s="1"),
+    ],
+    ids=[
+        "similar-k-str",
+        "similar-k-float",
+        "install_shared-list",
+        "install_shared-none",
+        "shared_update-names-str",
+        "shared_update-names-none",
+        "train_shared-str",
+        "train_shared-names-str",
+        "train-seed",
+        "predict-surrogate",
+        "user-surrogate",
+        "save_shared-none",
+        "load_shared-none",
+        "forget-wait-str",
+    ],
+)
+def test_arguments_of_the_wrong_type_are_refused_with_a_typed_error(
+    classifier: Personalizer, store: Store, alice: tuple[Any, ...], call: Callable[..., object]
+) -> None:
+    shared = classifier.shared_params()
+    with pytest.raises(InvalidInputError):
+        call(classifier)
+    assert snapshot(store, "alice") == alice
+    assert all(np.array_equal(v, classifier.shared_params()[k]) for k, v in shared.items())
+
+
+def test_an_example_with_a_lone_surrogate_cannot_be_built() -> None:
+    with pytest.raises(InvalidInputError, match="surrogate"):
+        Example("bad \ud800 text")
+    with pytest.raises(InvalidInputError, match="surrogate"):
+        Example("fine", label="bad \udfff label")
+    with pytest.raises(InvalidInputError, match="surrogate"):
+        Example("fine", metadata={"note": "\ud834"})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SessionOptions(intra_op_threads="2"),
+        lambda: SessionOptions(inter_op_threads=1.5),
+        lambda: SessionOptions(providers="CPUExecutionProvider"),
+        lambda: PassphraseKey("a passphrase", memory_kib="65536"),
+        lambda: PassphraseKey("a passphrase", iterations=True),
+    ],
+    ids=["intra-str", "inter-float", "providers-str", "memory-str", "iterations-bool"],
+)
+def test_options_of_the_wrong_type_are_refused(make: Callable[[], object]) -> None:
+    with pytest.raises(InvalidInputError):
+        make()
+
+
+def test_opening_a_personalizer_without_a_bundle_path_is_refused(store: Store) -> None:
+    with pytest.raises(InvalidInputError, match="str or path"):
+        Personalizer.open(None, store)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeperso import InvalidInputError, LockedError
+from edgeperso import CancelledError, InvalidInputError, LockedError
 from edgeperso.runtime import Personalizer, TrainConfig, TrainProgress, TrainResult
 from edgeperso.runtime._params import from_bytes
 from edgeperso.store import Example, Feedback, RawKey, Store
@@ -161,19 +161,39 @@ def test_max_steps_and_cancel_stop_training_early_and_say_why(classifier: Person
     classifier.add_examples("alice", topic_examples(12))
 
     by_steps = classifier.train("alice", TrainConfig(adapter=True, epochs=5, max_steps=4))
-    calls = 0
+    steps = 0
 
-    def cancel_after_two_steps() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls > 2
+    def count(progress: TrainProgress) -> None:
+        nonlocal steps
+        steps = progress.step
 
     cancelled = classifier.train(
-        "alice", TrainConfig(adapter=True, epochs=5), cancel=cancel_after_two_steps
+        "alice", TrainConfig(adapter=True, epochs=5), on_progress=count, cancel=lambda: steps >= 2
     )
 
     assert (by_steps.stopped, by_steps.steps) == ("max_steps", 4)
     assert (cancelled.stopped, cancelled.steps) == ("cancelled", 2)
+
+
+def test_a_train_cancelled_before_anything_is_fitted_raises_and_changes_nothing(
+    classifier: Personalizer, store: Store
+) -> None:
+    classifier.add_examples("alice", topic_examples(12))
+    assert classifier.train("alice").kept == "personal"
+    adapter = store.get_blob("alice", "adapter")
+    examples_seen = 0
+
+    def cancel_in_the_feature_pass() -> bool:
+        nonlocal examples_seen
+        examples_seen += 1
+        return examples_seen > 3
+
+    with pytest.raises(CancelledError, match="before anything was fitted"):
+        classifier.train("alice", TrainConfig(adapter=True), cancel=cancel_in_the_feature_pass)
+
+    assert examples_seen == 4  # asked once per example: it stopped at the fourth
+    assert store.get_blob("alice", "adapter") == adapter
+    assert store.blobs("alice").keys() == {"adapter"}  # no checkpoint either
 
 
 def test_a_cancelled_train_goes_on_from_its_checkpoint_under_another_time_budget(

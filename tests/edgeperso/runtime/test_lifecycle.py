@@ -1,0 +1,221 @@
+"""What a store holds outlives one train() call, one Personalizer and one bundle.
+
+forget() while the user trains, two Personalizers on one store file, an app update that
+ships another bundle, examples written through the Store API, an interrupted add_examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeperso import CancelledError, InvalidInputError, LockedError
+from edgeperso.runtime import Personalizer, TrainConfig, TrainProgress
+from edgeperso.runtime._personalizer import EMBEDDINGS_OF, SHARED_USER
+from edgeperso.store import Example, RawKey, Store
+from tests.edgeperso.runtime.conftest import topic_examples
+
+PROBES = ["the cat sat on the mat", "stock prices fell sharply today"]
+
+
+@pytest.fixture(scope="module")
+def reexported(tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The classification bundle exported again: same shapes, another graph (as after an app
+    update that re-exports the same model), so another bundle identity."""
+    root = tmp_path_factory.mktemp("reexported") / "bundle"
+    shutil.copytree(tiny_bundles["classification"], root)
+    graph = onnx.load(root / "infer.onnx")
+    graph.doc_string = "exported again"
+    onnx.save(graph, root / "infer.onnx")
+    data = (root / "infer.onnx").read_bytes()
+    manifest = json.loads((root / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "infer.onnx":
+            entry["sha256"], entry["size"] = hashlib.sha256(data).hexdigest(), len(data)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def trained(model: Personalizer, user: str = "alice") -> None:
+    # Swapped labels, so the user's parameters must differ from the shared model to win.
+    model.add_examples(user, topic_examples(12, pets="b", markets="a"))
+    result = model.train(user, TrainConfig(adapter=True, epochs=10))
+    assert result.kept == "personal", result.reason
+
+
+# ---- forget() and a running train() -------------------------------------------------------
+
+
+def test_forget_during_train_cancels_it_and_nothing_of_the_user_comes_back(
+    classifier: Personalizer, store: Store
+) -> None:
+    classifier.add_examples("alice", topic_examples(12, pets="b", markets="a"))
+    started = threading.Event()
+    outcome: list[object] = []
+
+    def on_progress(progress: TrainProgress) -> None:
+        started.set()
+
+    def train() -> None:
+        try:
+            config = TrainConfig(adapter=True, epochs=200, max_seconds=None)
+            outcome.append(classifier.train("alice", config, on_progress=on_progress))
+        except CancelledError as exc:
+            outcome.append(exc)
+
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    assert started.wait(60), "training never reached the adapter stage"
+
+    assert classifier.forget("alice") is True
+    trainer.join(60)
+
+    assert not trainer.is_alive()
+    (result,) = outcome
+    assert getattr(result, "stopped", "cancelled") == "cancelled"
+    assert store.users() == []  # the trainer wrote nothing after the shred
+    assert classifier.predict("alice", PROBES[:1])[0].personalized is False
+    assert list((store.path.parent / f"{store.path.name}.locks").iterdir()) == []
+
+
+def test_forget_waits_for_a_trainer_it_cannot_cancel_then_refuses_and_deletes_nothing(
+    classifier: Personalizer, store: Store
+) -> None:
+    classifier.add_examples("alice", topic_examples(4))
+    # The lock held as a trainer in another process holds it.
+    with store.lock_user("alice"), pytest.raises(LockedError, match="nothing was deleted"):
+        classifier.forget("alice", wait_s=0.2)
+    assert len(store.examples("alice")) == 8
+    assert classifier.forget("alice", wait_s=0) is True
+    with pytest.raises(InvalidInputError, match="wait_s"):
+        classifier.forget("alice", wait_s=float("nan"))
+
+
+# ---- data written through the Store API ---------------------------------------------------
+
+
+def test_a_stored_label_the_bundle_does_not_have_stops_training_with_the_example_id(
+    classifier: Personalizer, store: Store
+) -> None:
+    classifier.add_examples("alice", topic_examples(4))
+    (bad,) = store.add_examples("alice", [Example("an odd one", label="zzz-secret")])
+
+    with pytest.raises(InvalidInputError, match=f"stored example {bad}") as raised:
+        classifier.train("alice")
+    with pytest.raises(InvalidInputError, match=f"stored example {bad}"):
+        classifier.shared_update("alice", ["global.head.b"])
+
+    assert "zzz-secret" not in str(raised.value)  # a label is user data
+    assert len(store.examples("alice")) == 9
+    assert store.blobs("alice") == {}
+
+
+def test_examples_without_embeddings_are_embedded_when_next_needed(
+    classifier: Personalizer, store: Store
+) -> None:
+    """As after an add_examples interrupted between its two writes."""
+    store.add_examples("alice", [Example("the cat sat on the mat", label="a")])
+    assert store.embeddings("alice") == {}
+
+    ((found, score),) = classifier.similar("alice", "the cat sat on the mat", k=1)
+
+    assert found.text == "the cat sat on the mat" and score > 0.99
+    assert len(store.embeddings("alice")) == 1
+
+
+def test_a_correction_for_an_example_the_user_does_not_have_is_refused(
+    classifier: Personalizer,
+) -> None:
+    from edgeperso import Feedback
+
+    (own,) = classifier.add_examples("alice", [Example("the cat sat", label="a")])
+    (other,) = classifier.add_examples("bob", [Example("the dog ran", label="a")])
+    for example_id in (other, own + 100, -5):
+        with pytest.raises(InvalidInputError, match="not one of this user's examples"):
+            classifier.add_feedback(
+                "alice", [Feedback("correction", value="b", example_id=example_id)]
+            )
+    classifier.add_feedback("alice", [Feedback("correction", value="b", example_id=own)])
+    assert len(classifier.store.feedback("alice")) == 1
+
+
+def test_the_shared_parameters_user_id_is_reserved(classifier: Personalizer) -> None:
+    for call in (
+        lambda: classifier.add_examples(SHARED_USER, [Example("x y", label="a")]),
+        lambda: classifier.predict(SHARED_USER, PROBES),
+        lambda: classifier.forget(SHARED_USER),
+        lambda: classifier.train(SHARED_USER),
+    ):
+        with pytest.raises(InvalidInputError, match="reserved"):
+            call()
+
+
+# ---- two Personalizers on one store file ---------------------------------------------------
+
+
+def test_shared_parameters_installed_by_one_personalizer_reach_the_other(
+    tiny_bundles: dict[str, Path], store: Store, key: RawKey
+) -> None:
+    bundle = tiny_bundles["classification"]
+    app = Personalizer.open(bundle, store)
+    with Store.open(store.path, key) as second:
+        tool = Personalizer.open(bundle, second)  # e.g. `edgeperso train` beside the app
+        tool.predict("zed", PROBES)  # caches the bundle's own shared parameters
+        bias = np.array([4.0, -4.0, 0.0], np.float32)
+
+        app.install_shared({"global.head.b": bias})
+
+        np.testing.assert_array_equal(tool.shared_params()["global.head.b"], bias)
+        assert [p.label for p in tool.predict("zed", PROBES)] == ["a", "a"]
+        # The other's install merges into what is stored, not into its stale copy.
+        w = np.zeros_like(tool.shared_params()["global.head.w"])
+        tool.install_shared({"global.head.w": w})
+    reopened = Personalizer.open(bundle, store).shared_params()
+    np.testing.assert_array_equal(reopened["global.head.b"], bias)
+    np.testing.assert_array_equal(reopened["global.head.w"], w)
+
+
+# ---- an app update that ships another bundle -------------------------------------------------
+
+
+def test_under_another_bundle_stored_parameters_are_not_used_and_training_starts_over(
+    tiny_bundles: dict[str, Path], reexported: Path, store: Store
+) -> None:
+    before = Personalizer.open(tiny_bundles["classification"], store)
+    trained(before)
+    before.install_shared({"global.head.b": np.array([4.0, -4.0, 0.0], np.float32)})
+
+    after = Personalizer.open(reexported, store)
+
+    assert after.bundle_identity != before.bundle_identity
+    assert all(not p.personalized for p in after.predict("alice", PROBES))
+    bundle_own = Personalizer.open(reexported, store)._shared_defaults["global.head.b"]
+    np.testing.assert_array_equal(after.shared_params()["global.head.b"], bundle_own)
+    with pytest.raises(InvalidInputError, match="no accepted adapter"):
+        after.export_adapter("alice", RawKey(os.urandom(32)))
+    # History embeddings are made again by the new bundle's encoder, and training works.
+    after.similar("alice", PROBES[0])
+    assert store.get_state("alice", EMBEDDINGS_OF) == after.bundle_identity
+    assert after.train("alice", TrainConfig(adapter=True, epochs=10)).kept == "personal"
+    assert all(p.personalized for p in after.predict("alice", PROBES))
+
+
+def test_under_a_bundle_with_other_shapes_a_stored_adapter_is_not_fed_to_the_graph(
+    tiny_bundles: dict[str, Path], store: Store
+) -> None:
+    trained(Personalizer.open(tiny_bundles["classification"], store))
+    regressor = Personalizer.open(tiny_bundles["regression"], store)
+
+    (score,) = regressor.score("alice", PROBES[:1])
+
+    assert np.isfinite(score)
+    with pytest.raises(InvalidInputError, match="stored example"):
+        regressor.train("alice")  # class labels, for a regression bundle
