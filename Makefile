@@ -2,6 +2,7 @@
 # Both create .venv and install everything the project needs into it.
 
 PYTHON ?= python3
+TORCH_INDEX ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -12,8 +13,10 @@ $(STAMP): pyproject.toml export/pyproject.toml federated/pyproject.toml requirem
 		federated/requirements-flower.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: the CPU build; anything unpinned would pull CUDA wheels.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# torch first and pinned. Where pip's index serves torch's CPU build (as on the project's
+	# machines) that is what it gets; elsewhere plain PyPI serves the CUDA build (several GB):
+	# `make TORCH_INDEX=https://download.pytorch.org/whl/cpu demo` takes the CPU wheel instead.
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[cli,plots]' -e ./export -e './federated[postgres]' -r requirements-dev.txt
 	# Flower for the scale-out tests: pinned, without resolving (docs/flower.md says why).
 	$(BIN)/pip install --quiet --no-deps -r federated/requirements-flower.txt

@@ -51,7 +51,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/studemo"))
-    parser.add_argument("--users", type=int, default=6, help="the first N users by id")
+    parser.add_argument(
+        "--users", type=int, default=6, help="the first N users by id, in string order"
+    )
     parser.add_argument("--label-column", default="anger")
     parser.add_argument("--label-map", default="x>0")
     parser.add_argument("--epochs", type=int, default=10)

@@ -180,6 +180,7 @@ def main() -> None:
     results["export_s"] = time.perf_counter() - start if args.bundle is None else None
     bundle = Bundle.load(bundle_dir)
     results["bundle_mb"] = sum(f.size for f in bundle.manifest.files) / 1e6
+    results["train_buckets"] = len(bundle.manifest.train.graphs)
     results["parity"] = {c.name: c.value for c in bundle.manifest.parity}
     results["quantization"] = {
         "target": bundle.manifest.quantization.target,
@@ -322,9 +323,9 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"CPU: {cpu['model']}, {cpu['cores']} cores, SIMD: {' '.join(cpu['simd_flags'])}; "
         f"load average {cpu['load_average_at_start']:.1f} at start, "
-        f"{cpu['load_average_at_end']:.1f} at end (other jobs shared the machine).",
+        f"{cpu['load_average_at_end']:.1f} at end.",
         "",
-        f"Export of {r['model']} (classification, 3 training buckets): "
+        f"Export of {r['model']} (classification, {r['train_buckets']} training buckets): "
         + (f"{r['export_s']:.0f} s, " if r["export_s"] is not None else "(not timed: --bundle), ")
         + f"bundle {r['bundle_mb']:.1f} MB; int8 target {r['quantization']['target']}, "
         f"{r['quantization']['float_matmuls']} MatMuls kept float, batch-invariant: "

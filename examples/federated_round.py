@@ -491,13 +491,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.devices < 3 or args.rounds < 1:
         parser.error("--devices must be >= 3 and --rounds >= 1")
+    if (args.train is not None and args.train < 4) or args.test < 1:
+        parser.error("--train must be >= 4 (what train() needs) and --test >= 1")
+    if args.studemo and not (args.studemo / "text_data.csv").is_file():
+        parser.error(f"--studemo {args.studemo} holds no text_data.csv: name the StudEmo folder")
+    if args.json and not args.json.parent.is_dir():
+        parser.error(f"--json: the folder {args.json.parent} does not exist")
     # One thread per device process, as on a phone; the devices share this machine's cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     console = Console()
     if args.studemo:
-        users = studemo_users(args.studemo, args.devices, args.train or 80, args.test, args.seed)
+        users = studemo_users(
+            args.studemo,
+            args.devices,
+            80 if args.train is None else args.train,
+            args.test,
+            args.seed,
+        )
     else:
-        users = generated_users(args.devices, args.train or 16, args.test, args.seed)
+        users = generated_users(
+            args.devices, 16 if args.train is None else args.train, args.test, args.seed
+        )
     bundle = args.bundle
     if bundle is None:
         args.workdir.mkdir(parents=True, exist_ok=True)

@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    if args.kills < 1:
+        parser.error("--kills must be >= 1")
     with tempfile.TemporaryDirectory() as tmp:
         result = run(Path(tmp), args.kills, args.seed)
     json.dump(result, sys.stdout, indent=2)

@@ -211,13 +211,16 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=0, help="flip this many random bytes")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    if args.sample < 0:
+        parser.error("--sample must be >= 0 (0: every byte)")
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         bench = Bench(build(directory), directory / "scratch.db")
         offsets = list(range(len(bench.data)))
         if args.sample:
-            offsets = random.Random(args.seed).sample(offsets, args.sample)
+            # more than the file holds: every byte, as with 0
+            offsets = random.Random(args.seed).sample(offsets, min(args.sample, len(offsets)))
         report = {
             "file_bytes": len(bench.data),
             "flips": dict(flips(bench, offsets, (0x01, 0xFF))),

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeperso._cpu import check_quantization
 from edgeperso._errors import CancelledError, InvalidInputError, LockedError, UnsupportedError
 from edgeperso.bundle import INFER_GRAPH, Bundle, Manifest
 from edgeperso.runtime import _params, _shared
@@ -147,6 +148,9 @@ class Personalizer:
         # Users a forget() is waiting for: their running train() calls cancel themselves.
         self._forgetting: Counter[str] = Counter()
         self._shared  # noqa: B018 - reads the installed ones now: a bad store fails at open
+        mismatch = check_quantization(self.manifest.quantization)
+        if mismatch is not None:
+            log.warning(mismatch)
 
     @classmethod
     def open(
