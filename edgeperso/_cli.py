@@ -217,7 +217,7 @@ def _train(args: argparse.Namespace) -> int:
                     )
                 except CancelledError:
                     print(
-                        f"user {args.user}: cancelled before anything was fitted; the stored "
+                        f"user {args.user}: cancelled before anything was stored; the stored "
                         "adapter is unchanged"
                     )
                     return 130

@@ -449,7 +449,12 @@ class _Run:
                 cached[hashlib.sha256(scope + text.encode()).hexdigest()] = row
         self.progress(EvalProgress("features", len(missing), len(missing)))
         if path is not None and missing:
-            _write_cache(path, cached)
+            # A cache shared with a bundle of another width keeps this bundle's features.
+            shape = cached[keys[0]].shape
+            other = sum(v.shape != shape for v in cached.values())
+            if other:
+                log.warning("feature cache %s: dropping %d features of another width", path, other)
+            _write_cache(path, {k: v for k, v in cached.items() if v.shape == shape})
         return np.stack([cached[k] for k in keys])
 
     def _shared_digest(self) -> bytes:

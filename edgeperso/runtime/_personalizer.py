@@ -111,6 +111,7 @@ class _Served:
     while `token` (Store.user_version) says nothing of the user's changed."""
 
     token: bytes | None
+    shared_token: bytes | None  # of the shared parameters these feeds were composed with
     feeds: Params  # the inference graph's parameter and history inputs for this user
     knn: tuple[np.ndarray, np.ndarray, int, float] | None
     personal: bool
@@ -182,9 +183,10 @@ class Personalizer:
         # Embedded first: the slow part stores nothing if it is interrupted.
         features = self._run_base([ex.text for ex in examples], ["features"])[0]
         ids = self.store.add_examples(user, examples)
-        self.store.put_embeddings(user, dict(zip(ids, features, strict=True)))
+        # only_examples: a forget() between the two writes leaves nothing behind
+        self.store.put_embeddings(user, dict(zip(ids, features, strict=True)), only_examples=True)
         if self.store.get_state(user, EMBEDDINGS_OF) != self.bundle_identity:
-            self._embeddings(user)  # stamps them (and redoes those another bundle made)
+            self._embeddings(user, fill=True)  # stamps them (and redoes another bundle's)
         return ids
 
     def add_feedback(self, user: str, events: Sequence[Feedback]) -> list[int]:
@@ -212,6 +214,11 @@ class Personalizer:
                         "examples (use an id that add_examples returned for this user)"
                     )
         return self.store.add_feedback(user, events)
+
+    def users(self) -> list[str]:
+        """The app's users with data in the store, sorted (Store.users() without the id
+        under which installed shared parameters are kept)."""
+        return [u for u in self.store.users() if u != SHARED_USER]
 
     def forget(self, user: str, *, wait_s: float = 60.0) -> bool:
         """Crypto-shred everything about `user`: examples, embeddings, adapter, checkpoints,
@@ -273,7 +280,7 @@ class Personalizer:
         user_params, knn = stored
         if knn is not None:
             user_params |= _params.knn_memory(*knn)
-        history, mask = self._history(user)
+        history, mask = self._history(user, fill=True)
         payload = user_params | {
             "__history__": history[mask > 0],
             BUNDLE_KEY: np.frombuffer(self.bundle_identity.encode(), np.uint8),
@@ -381,7 +388,7 @@ class Personalizer:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidInputError("k must be an int >= 1")
         check_texts([text])
-        cached = self._embeddings(user)
+        cached = self._embeddings(user, fill=True)
         if not cached:
             return []
         query = self._run_base([text], ["features"])[0][0]
@@ -403,19 +410,39 @@ class Personalizer:
         """The persona/global parameters in use: the bundle's, updated by the last
         `install_shared` of any process on this store (read again when the store says they
         changed, as a user's adapter is)."""
+        return self._shared_state()[0]
+
+    def _shared_state(self) -> tuple[Params, bytes | None]:
+        """(the shared parameters in use, the store's token for them), read as one."""
         token = self.store.user_version(SHARED_USER)
-        if token == self._shared_token:
-            return self._shared_now
+        with self._served_lock:
+            if token == self._shared_token:
+                return self._shared_now, token
         installed = self.store.get_blob(SHARED_USER, "shared") if token is not None else None
         shared = dict(self._shared_defaults)
         if installed is not None:
             params = self._unstamp(installed, "the installed persona/global parameters")
-            if params is not None:
+            if params is not None and self._fits_shared(params):
                 shared |= params
         with self._served_lock:
             self._shared_now, self._shared_token = shared, token
-            self._served.clear()  # every user's feeds hold the shared parameters
-        return shared
+        return shared, token
+
+    def _fits_shared(self, params: Params) -> bool:
+        """Whether stored shared parameters (unstamped ones, written before stamps existed,
+        included) have this bundle's names and shapes."""
+        specs = {p.name: p for p in self.manifest.params if p.level != "user"}
+        try:
+            if set(params) - set(specs):
+                raise InvalidInputError("unknown names")
+            _params.check_params(tuple(specs[n] for n in params), params)
+        except InvalidInputError:
+            log.warning(
+                "the installed persona/global parameters do not fit this bundle and are not "
+                "used; install them again under this bundle"
+            )
+            return False
+        return True
 
     def install_shared(self, params: Mapping[str, np.ndarray]) -> None:
         """Install new persona/global parameters (from a federated round); persisted, and
@@ -431,7 +458,7 @@ class Personalizer:
         _params.check_params(specs, params)
         updated = self._shared | {k: np.array(v, np.float32) for k, v in params.items()}
         self.store.put_blob(SHARED_USER, "shared", self._stamp(updated), keep=2)
-        self._shared  # noqa: B018 - takes them in (and clears the users' cached feeds)
+        self._shared  # noqa: B018 - takes them in (users' cached feeds follow the token)
 
     def shared_update(self, user: str, names: Sequence[str], *, l2: float = 1.0) -> SharedUpdate:
         """This device's contribution to a federated round over the shared parameters `names`
@@ -537,11 +564,11 @@ class Personalizer:
         the same examples and settings (the time budget may differ) goes on where a killed,
         cancelled or out-of-time call stopped; a completed call removes its checkpoint.
 
-        `cancel` is asked between examples of the feature pass and between adapter steps.
-        Cancelled in the feature pass, before anything is fitted, train() raises
-        CancelledError and changes nothing; cancelled in the adapter stage, it keeps the best
-        parameters found so far and says `stopped="cancelled"`. A `forget()` of the same user
-        cancels it the same way.
+        `cancel` is asked between examples of the feature pass, after the head and retrieval
+        stage, and between adapter steps. Cancelled before the adapter stage, train()
+        raises CancelledError and changes nothing; cancelled in the adapter stage, it keeps
+        the best parameters found so far and says `stopped="cancelled"`. A `forget()` of the
+        same user cancels it, and train() then raises CancelledError.
 
         On an embedding bundle an example's label names a group (any string): the adapter
         stage, the only one there is, trains the user's LoRA so that texts of one group
@@ -563,7 +590,10 @@ class Personalizer:
             def stop() -> bool:  # the caller's cancel, or a forget() of this user
                 return user in self._forgetting or (cancel is not None and bool(cancel()))
 
-            return self._train_locked(user, config, on_progress, stop)
+            result = self._train_locked(user, config, on_progress, stop)
+        if user in self._forgetting:  # what it wrote is being shredded now
+            raise CancelledError("train() was cancelled by a forget() of the same user")
+        return result
 
     def _train_locked(
         self,
@@ -582,6 +612,11 @@ class Personalizer:
         global_score = best_score = math.nan
         if not embedding:
             chosen, global_score, best_score = self._stage1(data, config, rng)
+            if cancel is not None and cancel():
+                raise CancelledError(
+                    "train() was cancelled before anything was stored: the user's stored "
+                    "adapter is unchanged; call train() again to train"
+                )
         head_l2 = float(chosen[1]) if chosen is not None and chosen[0] == "head" else None
         knn = chosen[1] if chosen is not None and chosen[0] == "knn" else None
         kept: Params | None = None
@@ -932,7 +967,7 @@ class Personalizer:
         # Training pads to the exported sequence buckets; a text longer than the largest one
         # is cut there, and counted as truncated like a text over max_length.
         longest = max((g.seq_len for g in self.manifest.train.graphs), default=0)
-        history, mask = self._history(user)
+        history, mask = self._history(user, fill=True)
         feeds = _params.infer_feeds(self.manifest, self._shared | self._zero_user())
         feeds |= {"history": history, "history_mask": mask}
         wanted = ["features", "output", *(["prefix"] if with_prefix else [])]
@@ -1069,39 +1104,52 @@ class Personalizer:
                 "example's group (texts of one group are trained to embed close together)"
             )
 
-    def _embeddings(self, user: str) -> dict[int, np.ndarray]:
-        """The user's history embeddings (example id -> base-model features), all made by
-        this bundle: those of examples that have none (an add_examples interrupted between
-        its two writes) or whose embeddings another bundle made (an app update) are
-        computed now and stored."""
+    def _embeddings(self, user: str, *, fill: bool) -> dict[int, np.ndarray]:
+        """The user's history embeddings (example id -> base-model features), as far as
+        this bundle made them: those another bundle made (an app update) are not used.
+
+        With `fill`, the missing ones (another bundle's, or an add_examples interrupted
+        between its two writes) are computed and stored now, only for examples that still
+        exist at the write: a forget() meanwhile leaves nothing behind. Serving does not
+        fill (it would decrypt every example on the hot path); similar(), train(),
+        shared_update() and add_examples() do.
+        """
         cached = self.store.embeddings(user)
         made_by = self.store.get_state(user, EMBEDDINGS_OF)
-        if made_by is not None and made_by != self.bundle_identity:
+        width = (self.manifest.hidden_size,)
+        stale = (made_by is not None and made_by != self.bundle_identity) or any(
+            v.shape != width for v in cached.values()
+        )
+        if stale:
+            if not fill:
+                return {}
             log.info("recomputing a user's history embeddings: another bundle made them")
             self.store.delete_embeddings(user)
             cached = {}
+        if not fill:
+            return cached
         examples = self.store.examples(user)
         missing = [ex for ex in examples if ex.id not in cached]
         if missing:
             features = self._run_base([ex.text for ex in missing], ["features"])[0]
             fresh = {int(ex.id): row for ex, row in zip(missing, features, strict=True)}  # type: ignore[arg-type]
-            self.store.put_embeddings(user, fresh)
+            self.store.put_embeddings(user, fresh, only_examples=True)
             cached |= fresh
         if examples and made_by != self.bundle_identity:
-            self.store.set_state(user, EMBEDDINGS_OF, self.bundle_identity)
+            self.store.set_state(user, EMBEDDINGS_OF, self.bundle_identity, create=False)
         return cached
 
-    def _history(self, user: str) -> tuple[np.ndarray, np.ndarray]:
+    def _history(self, user: str, *, fill: bool) -> tuple[np.ndarray, np.ndarray]:
         ue = self.manifest.user_embedding
         size = ue.history_size if ue else 1
         history = np.zeros((size, self.manifest.hidden_size), np.float32)
         mask = np.zeros(size, np.float32)
-        cached = self._embeddings(user) if ue else {}
+        cached = self._embeddings(user, fill=fill) if ue else {}
         rows = [cached[k] for k in sorted(cached)]
         blob = self.store.get_blob(user, IMPORTED_HISTORY) if ue else None
         imported = None if blob is None else self._unstamp(blob, "a user's imported history")
-        if imported is not None:  # older than anything added on this device
-            rows = list(imported["h"]) + rows
+        if imported is not None and imported["h"].shape[1:] == (self.manifest.hidden_size,):
+            rows = list(imported["h"]) + rows  # older than anything added on this device
         for row, vector in enumerate(rows[-size:]):
             history[row] = vector
             mask[row] = 1.0
@@ -1129,21 +1177,21 @@ class Personalizer:
         """The user's adapter and history as inference feeds: decrypted from the store once,
         then kept in memory until the store says the user's data changed (in any process)."""
         _check_app_user(user)
-        shared = self._shared  # first: a change there empties the cache
+        shared, shared_token = self._shared_state()
         token = self.store.user_version(user)
         with self._served_lock:
             served = self._served.get(user)
-            if served is not None and served.token == token:
+            if served is not None and (served.token, served.shared_token) == (token, shared_token):
                 self._served.move_to_end(user)
                 return served
         stored = self._stored_adapter(user)
         user_params, knn = stored if stored is not None else (self._zero_user(), None)
         feeds = _params.infer_feeds(self.manifest, shared | user_params)
-        history, mask = self._history(user)
+        history, mask = self._history(user, fill=False)  # fill-ins are for writers, not here
         feeds |= {"history": history, "history_mask": mask}
         # A write between the token and these reads leaves a stale token: the next call
         # sees a newer one and reads again, so the cache never serves older data than this.
-        served = _Served(token, feeds, knn, stored is not None)
+        served = _Served(token, shared_token, feeds, knn, stored is not None)
         with self._served_lock:
             self._served[user] = served
             self._served.move_to_end(user)

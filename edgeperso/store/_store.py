@@ -769,18 +769,44 @@ class Store:
 
     # ---- embeddings -------------------------------------------------------------------------
 
-    def put_embeddings(self, user: str, vectors: Mapping[int, np.ndarray]) -> None:
-        """Cache embedding vectors keyed by example id (stored as float32; replaces old)."""
+    def put_embeddings(
+        self, user: str, vectors: Mapping[int, np.ndarray], *, only_examples: bool = False
+    ) -> int:
+        """Cache embedding vectors keyed by example id (stored as float32; replaces old).
+        Returns how many were stored.
+
+        With `only_examples`, a vector is stored only if its id is one of the user's
+        examples at the time of the write (checked in the same transaction), and a user
+        with no data is not created: vectors computed from examples that were deleted or
+        shredded meanwhile are dropped, never written back.
+        """
         user = check_user(user)
         if not isinstance(vectors, Mapping):
             raise InvalidInputError("vectors must be a mapping of example id to array")
         ids = _check_ids(vectors.keys(), "embedding keys")
         encoded = [encode_array(vectors[i]) for i in ids]
         if not ids:
-            return
+            return 0
         with self._txn(write=True) as txn:
-            found = txn.user(user, create=True)
-            assert found is not None
+            found = txn.user(user, create=not only_examples)
+            if found is None:
+                return 0
+            if only_examples:
+                current: set[int] = set()
+                for start in range(0, len(ids), 500):  # within SQLite's variable limit
+                    chunk = ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    current.update(
+                        int(row[0])
+                        for row in txn.conn.execute(
+                            f"SELECT id FROM examples WHERE uid = ? AND id IN ({marks})",
+                            (found.uid, *chunk),
+                        )
+                    )
+                kept = [(i, e) for i, e in zip(ids, encoded, strict=True) if i in current]
+                ids, encoded = [i for i, _ in kept], [e for _, e in kept]
+                if not ids:
+                    return 0
             txn.reserve(found, len(ids))
             rows = []
             for rid, plain in zip(ids, encoded, strict=True):
@@ -793,6 +819,7 @@ class Store:
             txn.conn.executemany(
                 "INSERT OR REPLACE INTO embeddings (uid, id, body) VALUES (?, ?, ?)", rows
             )
+        return len(ids)
 
     def embeddings(self, user: str) -> dict[int, np.ndarray]:
         """All cached embeddings of the user: example id -> float32 array."""
@@ -912,15 +939,17 @@ class Store:
 
     # ---- state ------------------------------------------------------------------------------
 
-    def set_state(self, user: str, key: str, value: JSONValue) -> None:
-        """Set a small JSON value (federated bookkeeping: round ids, budgets spent)."""
+    def set_state(self, user: str, key: str, value: JSONValue, *, create: bool = True) -> bool:
+        """Set a small JSON value (federated bookkeeping: round ids, budgets spent). With
+        `create=False` a user with no data is left so (returns False, nothing written)."""
         user = check_user(user)
         key = _check_name(key, "state key")
         check_json(value, "state value")
         plain = encode_json({"v": FORMAT_VERSION, "key": key, "value": value})
         with self._txn(write=True) as txn:
-            found = txn.user(user, create=True)
-            assert found is not None
+            found = txn.user(user, create=create)
+            if found is None:
+                return False
             txn.reserve(found, 1)
             tag = self._tag(b"state", found.uid, key)
             old = txn.conn.execute(
@@ -933,6 +962,7 @@ class Store:
                 "INSERT OR REPLACE INTO state (uid, key, body) VALUES (?, ?, ?)",
                 (found.uid, tag, body),
             )
+        return True
 
     def state(self, user: str) -> dict[str, JSONValue]:
         """All of the user's state values."""

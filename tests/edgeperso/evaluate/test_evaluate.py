@@ -213,6 +213,25 @@ def test_an_unreadable_feature_cache_is_computed_again_and_rewritten(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_feature_cache_shared_with_a_bundle_of_another_width_keeps_this_bundles(
+    noyes_bundle: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "features.npz"
+    _write_cache(cache, {"f" * 64: np.ones(768, np.float32)})  # another model's feature
+    config = EvalConfig(
+        cold_start=(),
+        max_users=1,
+        head_l2=0.1,
+        head_class_weighting=True,
+        bootstrap=10,
+        feature_cache=str(cache),
+    )
+    report = evaluate(annotation_rows(), noyes_bundle, config)
+    with np.load(cache) as npz:
+        assert "f" * 64 not in npz["keys"].tolist()
+        assert len(npz["keys"]) == report.global_head["distinct_texts"]
+
+
 def test_a_failed_feature_cache_write_keeps_the_previous_file_and_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from edgeperso import CancelledError, InvalidInputError, LockedError
 from edgeperso.runtime import Personalizer, TrainConfig, TrainProgress
+from edgeperso.runtime._params import to_bytes
 from edgeperso.runtime._personalizer import EMBEDDINGS_OF, SHARED_USER
 from edgeperso.store import Example, RawKey, Store
 from tests.edgeperso.runtime.conftest import topic_examples
@@ -80,10 +81,30 @@ def test_forget_during_train_cancels_it_and_nothing_of_the_user_comes_back(
 
     assert not trainer.is_alive()
     (result,) = outcome
-    assert getattr(result, "stopped", "cancelled") == "cancelled"
+    assert isinstance(result, CancelledError), result  # not a result for a forgotten user
     assert store.users() == []  # the trainer wrote nothing after the shred
     assert classifier.predict("alice", PROBES[:1])[0].personalized is False
     assert list((store.path.parent / f"{store.path.name}.locks").iterdir()) == []
+
+
+def test_forget_while_missing_embeddings_are_filled_in_leaves_nothing_behind(
+    classifier: Personalizer, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """similar() embeds examples that have no embedding, without the user's lock; a forget()
+    that shreds the user meanwhile must not see them written back."""
+    store.add_examples("alice", [Example(t, label="a") for t in PROBES])
+    embed = classifier._run_base
+
+    def embed_then_forget(texts: list[str], outputs: list[str]) -> list[np.ndarray]:
+        out = embed(texts, outputs)
+        if len(texts) == len(PROBES):  # the fill-in, not the query
+            assert classifier.forget("alice") is True
+        return out
+
+    monkeypatch.setattr(classifier, "_run_base", embed_then_forget)
+    classifier.similar("alice", "a cat", k=1)
+
+    assert store.users() == []
 
 
 def test_forget_waits_for_a_trainer_it_cannot_cancel_then_refuses_and_deletes_nothing(
@@ -145,6 +166,27 @@ def test_a_correction_for_an_example_the_user_does_not_have_is_refused(
             )
     classifier.add_feedback("alice", [Feedback("correction", value="b", example_id=own)])
     assert len(classifier.store.feedback("alice")) == 1
+
+
+def test_installed_shared_parameters_of_another_shape_are_not_used(
+    tiny_bundles: dict[str, Path], store: Store
+) -> None:
+    """As a store written before blobs were stamped, under a bundle with other labels."""
+    store.put_blob(SHARED_USER, "shared", to_bytes({"global.head.b": np.ones(5, np.float32)}))
+    model = Personalizer.open(tiny_bundles["classification"], store)
+
+    assert model.shared_params()["global.head.b"].shape == (3,)
+    assert len(model.predict("zed", PROBES)) == 2
+
+
+def test_the_app_users_leave_out_the_reserved_id(classifier: Personalizer) -> None:
+    classifier.add_examples("alice", topic_examples(2))
+    classifier.install_shared({"global.head.b": np.zeros(3, np.float32)})
+    assert SHARED_USER in classifier.store.users()
+    assert classifier.users() == ["alice"]
+    for user in classifier.users():  # "forget everyone"
+        classifier.forget(user)
+    assert classifier.users() == []
 
 
 def test_the_shared_parameters_user_id_is_reserved(classifier: Personalizer) -> None:

@@ -195,6 +195,18 @@ def test_a_train_cancelled_before_anything_is_fitted_raises_and_changes_nothing(
     assert store.get_blob("alice", "adapter") == adapter
     assert store.blobs("alice").keys() == {"adapter"}  # no checkpoint either
 
+    asked = 0
+
+    def cancel_after_the_feature_pass() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked > 24  # once per example (24), then after the head and retrieval stage
+
+    with pytest.raises(CancelledError, match="before anything was stored"):
+        classifier.train("alice", cancel=cancel_after_the_feature_pass)
+    assert asked == 25
+    assert store.get_blob("alice", "adapter") == adapter
+
 
 def test_a_cancelled_train_goes_on_from_its_checkpoint_under_another_time_budget(
     classifier: Personalizer, store: Store

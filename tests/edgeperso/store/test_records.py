@@ -220,3 +220,19 @@ def test_user_version_changes_with_every_write_of_that_user_only(store: Store) -
     assert store.user_version("alice") not in (None, first)
     store.forget_user("alice")
     assert store.user_version("alice") is None
+
+
+def test_embeddings_of_examples_that_no_longer_exist_are_not_written_back(store: Store) -> None:
+    """put_embeddings(only_examples=True): what a reader embedded from examples that a
+    delete or a forget removed meanwhile is dropped, and a forgotten user is not recreated."""
+    a, b = store.add_examples("alice", [Example("one"), Example("two")])
+    store.delete_examples("alice", [b])
+    vectors = {a: np.ones(3, np.float32), b: np.ones(3, np.float32)}
+
+    assert store.put_embeddings("alice", vectors, only_examples=True) == 1
+    assert set(store.embeddings("alice")) == {a}
+
+    store.forget_user("alice")
+    assert store.put_embeddings("alice", vectors, only_examples=True) == 0
+    assert store.set_state("alice", "k", 1, create=False) is False
+    assert store.users() == []
