@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from edgeperso import EdgePersoError
 from edgeperso.bundle import Manifest
@@ -34,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length",
         type=int,
         default=None,
-        help="tokens per text (default: the model's own, e.g. 256 for all-MiniLM-L6-v2)",
+        help="tokens per text, at most the model's positions (default: the model's own, "
+        "e.g. 256 for all-MiniLM-L6-v2)",
     )
     p.add_argument("--lora-r", type=int, default=8, help="rank of the user adapter")
     p.add_argument("--lora-alpha", type=float, default=16.0)
@@ -48,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-batch-size", type=int, default=8)
     p.add_argument("--quantization-target", choices=["avx512_vnni", "avx2", "arm64"])
     p.add_argument("--min-cosine", type=float, default=ParityThresholds.min_cosine)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing bundle (or an empty folder); nothing else is replaced",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
 
@@ -72,10 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             quantization_target=args.quantization_target,
             thresholds=ParityThresholds(min_cosine=args.min_cosine),
         )
-        if args.quiet:
-            manifest = export_bundle(args.model, args.output, config, overwrite=args.overwrite)
-        else:
-            manifest = _with_progress(args, config)
+        with _sigterm_exits():
+            if args.quiet:
+                manifest = export_bundle(args.model, args.output, config, overwrite=args.overwrite)
+            else:
+                manifest = _with_progress(args, config)
     except EdgePersoError as exc:
         print(f"edgeperso-export: error: {exc}", file=sys.stderr)
         return 2
@@ -85,6 +94,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {mark}{check.name:26s} {check.value:.6g}  (threshold {check.threshold})")
         print(f"bundle written to {args.output}")
     return 0
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM (CI cancel, `timeout`, `docker stop`) raises SystemExit, so the export removes
+    its work folder as on Ctrl-C instead of dying with it on disk."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def exit_(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _with_progress(args: argparse.Namespace, config: ExportConfig) -> Manifest:

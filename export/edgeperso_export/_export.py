@@ -8,8 +8,9 @@ import json
 import logging
 import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,12 @@ from edgeperso.bundle import (
 )
 from edgeperso_export import _graphs, _parity
 from edgeperso_export._config import ExportConfig
-from edgeperso_export._errors import ExportError, ParityError
+from edgeperso_export._errors import (
+    ExportError,
+    ExportInputError,
+    ExportUnsupportedError,
+    ParityError,
+)
 from edgeperso_export._model import Family, PersonalModel, family_of, find_slot_sites
 from edgeperso_export._quantize import (
     dequantized_weights,
@@ -67,6 +73,7 @@ class _Source:
     pooling: str
     normalize: bool
     max_length: int  # the model's own: what it was trained to embed
+    positions: int  # the longest input the position table can embed
 
 
 def export_bundle(
@@ -80,34 +87,188 @@ def export_bundle(
     """Export `source` (a local Hugging Face model directory, or a hub id when online) into
     the bundle directory `output`.
 
-    The bundle appears atomically: it is built in a temporary directory beside `output` and
-    renamed into place only after every parity check passed, so a failed or interrupted
-    export leaves nothing behind. Raises ExportError (ParityError for a failed gate).
+    The bundle appears atomically: it is built in a hidden work folder beside `output`
+    (`.NAME.<pid>-<random>.partial`) and renamed into place only after every parity check
+    passed, so a failed export, Ctrl-C or SIGTERM (the CLI turns it into an exit) leaves
+    nothing behind. A process killed outright (SIGKILL, power loss) can leave that work
+    folder, never a half-written bundle at `output`; the next export to the same `output`
+    removes it. `overwrite=True` replaces only an existing bundle or an empty folder, never
+    the source model or anything else; without it an `output` that exists, or that appears
+    while the export runs, is refused. Raises ExportError (ParityError for a failed gate,
+    ExportInputError for a bad argument or source file, ExportUnsupportedError for a model
+    this exporter cannot reproduce).
     """
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise ExportError(f"output {str(out)!r} exists; pass overwrite=True (--overwrite)")
+    out = _output_path(output)
+    _restore_replaced(out)
+    _check_output(out, source, overwrite=overwrite)
     stage = on_stage or (lambda name: None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    work = _make_work_dir(out)
     try:
         manifest = _build(str(source), work, config, stage)
-        _replace_dir(work, out)
+        _replace_dir(work, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return manifest
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(new, target)
+def _make_work_dir(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_work(out)
+        # A plain mkdir (0o777 less the umask, like any folder), not mkdtemp's 0700: a bundle
+        # is app data that a service account or another user may need to read, not a secret.
+        work = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(8)}.partial")
+        work.mkdir()
+    except OSError as exc:
+        raise ExportError(
+            f"cannot create a work folder beside {str(out)!r}: {exc}; choose an output in a "
+            "folder you can write to"
+        ) from exc
+    return work
+
+
+def _output_path(output: str | os.PathLike[str]) -> Path:
+    out = Path(output)
+    if out.name in ("", ".", ".."):
+        raise ExportInputError(
+            f"output {str(output)!r} does not name a folder of its own; give the bundle "
+            f"folder's name, e.g. {str(out / 'bundle')!r}"
+        )
+    return out
+
+
+def _check_output(out: Path, source: str | os.PathLike[str], *, overwrite: bool) -> None:
+    src = Path(source)
+    if src.exists():
+        s, t = src.resolve(), out.resolve()
+        relation = "is" if t == s else "contains" if t in s.parents else "is inside"
+        if t == s or t in s.parents or s in t.parents:
+            raise ExportInputError(
+                f"output {str(out)!r} {relation} the source model folder {str(source)!r}; "
+                "choose an output folder outside the model"
+            )
+    _check_existing(out, overwrite=overwrite)
+
+
+def _check_existing(out: Path, *, overwrite: bool, meanwhile: bool = False) -> None:
+    """Refuse an existing `out` unless `overwrite` and it is a bundle or an empty folder."""
+    if not out.exists() and not out.is_symlink():
         return
-    trash = target.with_name(f".{target.name}.old")
+    if not overwrite:
+        exists = "appeared while the export ran" if meanwhile else "exists"
+        raise ExportInputError(
+            f"output {str(out)!r} {exists}; pass overwrite=True (--overwrite) to replace a "
+            "bundle there, or choose another output"
+        )
+    what = _not_a_bundle(out)
+    if what is not None:
+        raise ExportInputError(
+            f"output {str(out)!r} {what}; overwrite (--overwrite) only replaces an EdgePerso "
+            "bundle or an empty folder: choose another output, or move that away yourself"
+        )
+
+
+def _not_a_bundle(path: Path) -> str | None:
+    """What is at `path` if it is neither an empty folder nor a bundle this project wrote."""
+    if path.is_symlink():
+        return "is a symbolic link"
+    if not path.is_dir():
+        return "is a file"
+    try:
+        entries = sorted(p.name for p in path.iterdir())
+    except OSError as exc:
+        return f"is a folder that cannot be listed ({exc.strerror})"
+    if not entries or _written_by_edgeperso(path / MANIFEST):
+        return None
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    return f"is a folder holding {shown} and no EdgePerso {MANIFEST}"
+
+
+def _written_by_edgeperso(manifest: Path) -> bool:
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
+        return False
+    versions = data.get("versions") if isinstance(data, dict) else None
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("schema_version"), int)
+        and isinstance(versions, dict)
+        and "edgeperso" in versions
+    )
+
+
+def _remove_stale_work(out: Path) -> None:
+    """Remove the work folders that killed exports to `out` left (see export_bundle)."""
+    pattern = re.compile(
+        rf"\.{re.escape(out.name)}\.(?:(\d+)-[0-9a-f]{{16}}|[a-z0-9_]{{8}})\.partial"
+    )
+    for path in out.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        pid = match.group(1)  # None: mkdtemp's name, from an exporter older than this check
+        if pid is not None and _process_alive(int(pid)):
+            continue  # another export to the same output is running: its rename decides
+        log.warning("removing %s, left behind by an export that was killed", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no harmless liveness probe (os.kill terminates on Windows): keep it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _replace_dir(new: Path, target: Path, *, overwrite: bool) -> None:
+    # The build takes minutes: check `target` again, something may have appeared there.
+    _check_existing(target, overwrite=overwrite, meanwhile=True)
+    if not target.exists():
+        _rename(new, target)
+        return
+    trash = _replaced(target)
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(target, trash)
-    os.replace(new, target)
+    try:
+        _rename(new, target)
+    except BaseException:
+        os.replace(trash, target)  # the old bundle goes back
+        raise
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _replaced(target: Path) -> Path:
+    """Where `--overwrite` keeps the old bundle between its two renames."""
+    return target.with_name(f".{target.name}.old")
+
+
+def _restore_replaced(out: Path) -> None:
+    """A process killed between the two renames of `--overwrite` left the old bundle aside
+    and nothing at `out`: put it back before anything else."""
+    trash = _replaced(out)
+    if not out.exists() and not out.is_symlink() and trash.is_dir():
+        log.warning("restoring %s: an export replacing it was killed midway", out)
+        try:
+            os.replace(trash, out)
+        except OSError as exc:
+            raise ExportError(f"cannot restore {str(out)!r} from {str(trash)!r}: {exc}") from exc
+
+
+def _rename(new: Path, target: Path) -> None:
+    try:
+        os.replace(new, target)
+    except OSError as exc:  # e.g. a non-empty folder appeared at target since the check
+        raise ExportError(
+            f"cannot move the finished bundle to {str(target)!r}: {exc}; nothing was written "
+            "there, export again"
+        ) from exc
 
 
 def load_source(source: str) -> _Source:
@@ -116,59 +277,132 @@ def load_source(source: str) -> _Source:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     looks_like_path = source.startswith((".", "/")) or source.count("/") != 1
     if not path.exists() and (offline or looks_like_path):
-        raise ExportError(
+        raise ExportInputError(
             f"model path {source!r} does not exist"
             + (" (and the hub is offline)" if offline else "")
         )
+    if path.exists() and not path.is_dir():
+        raise ExportInputError(f"model path {source!r} is a file; give the model's folder")
     if path.is_dir() and not any(path.glob("tokenizer*")) and not (path / "vocab.txt").exists():
-        raise ExportError(f"{source!r} has no tokenizer files (tokenizer.json or vocab.txt)")
+        raise ExportInputError(f"{source!r} has no tokenizer files (tokenizer.json or vocab.txt)")
+    # Whatever a broken file makes transformers, tokenizers or safetensors raise (OSError,
+    # ValueError, TypeError, SafetensorError, a JSON error...) is a bad source, said so.
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)  # type: ignore[no-untyped-call]
-    except (OSError, ValueError, TypeError) as exc:
-        # transformers raises TypeError deep inside when a directory has no vocabulary files
-        raise ExportError(f"no usable tokenizer in {source!r}: {exc}") from exc
+    except Exception as exc:
+        raise ExportInputError(f"no usable tokenizer in {source!r}: {exc}") from exc
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
-        raise ExportError(f"{source!r} has no fast tokenizer (tokenizer.json); convert it first")
+        raise ExportUnsupportedError(
+            f"{source!r} has no fast tokenizer (tokenizer.json); convert it first"
+        )
     try:
         encoder = AutoModel.from_pretrained(source, attn_implementation="eager").eval()
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot load a model from {source!r}: {exc}") from exc
+    except Exception as exc:
+        raise ExportInputError(
+            f"cannot load a model from {source!r}: {type(exc).__name__}: {exc}; check its "
+            "config.json and weight files (a truncated download?)"
+        ) from exc
     family = family_of(encoder.config.model_type)
     pooling, normalize = _sentence_transformers_head(path)
+    positions = _usable_positions(encoder)
     return _Source(
-        source, encoder.float(), tokenizer, family, pooling, normalize, _max_length(path, encoder)
+        source,
+        encoder.float(),
+        tokenizer,
+        family,
+        pooling,
+        normalize,
+        _max_length(path, positions),
+        positions,
     )
 
 
-def _max_length(path: Path, encoder: Any) -> int:
-    """sentence-transformers' `max_seq_length` when the model has one (256 for
-    all-MiniLM-L6-v2), else the position table's usable size, capped at 512."""
-    config = path / "sentence_bert_config.json"
-    if config.is_file():
-        value = json.loads(config.read_text()).get("max_seq_length")
-        if isinstance(value, int) and value >= 8:
-            return value
+def _usable_positions(encoder: Any) -> int:
+    """The longest input the position table can embed. BERT and DistilBERT number positions
+    0..n-1; RoBERTa numbers them after its padding id, so padding_idx + 1 fewer are usable."""
     positions = int(getattr(encoder.config, "max_position_embeddings", 512))
     if encoder.config.model_type in ("roberta", "xlm-roberta", "camembert"):
-        positions -= int(encoder.config.pad_token_id) + 1  # position ids start after padding
+        positions -= int(encoder.config.pad_token_id) + 1
+    return positions
+
+
+def _max_length(path: Path, positions: int) -> int:
+    """sentence-transformers' `max_seq_length` when the model has one (256 for
+    all-MiniLM-L6-v2), else the position table's usable size, capped at 512; never more
+    than the position table holds."""
+    config = path / "sentence_bert_config.json"
+    if config.is_file():
+        value = _read_json(config, dict).get("max_seq_length")
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 8:
+            if value > positions:
+                log.warning(
+                    "%s says max_seq_length %d, but the model has %d positions: using %d",
+                    config,
+                    value,
+                    positions,
+                    positions,
+                )
+            return min(value, positions)
     return min(positions, 512)
 
 
+_ST_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
 def _sentence_transformers_head(path: Path) -> tuple[str, bool]:
-    """Pooling and normalisation from a sentence-transformers layout; mean, no norm otherwise."""
-    pooling = "mean"
-    config = path / "1_Pooling" / "config.json"
-    if config.is_file():
-        data = json.loads(config.read_text())
-        if data.get("pooling_mode_cls_token"):
-            pooling = "cls"
-        elif not data.get("pooling_mode_mean_tokens", True):
-            raise ExportError(f"unsupported sentence-transformers pooling in {config}")
-    modules = path / "modules.json"
-    normalize = modules.is_file() and any(
-        m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text())
+    """Pooling and normalisation from a sentence-transformers layout; mean, no norm otherwise.
+
+    A pipeline with any other module (Dense, LayerNorm, ...) is refused: the bundle would
+    compute something other than the model's embeddings, and the parity gate could not tell.
+    """
+    modules_file = path / "modules.json"
+    kinds = []
+    for module in _read_json(modules_file, list) if modules_file.is_file() else []:
+        kind = module.get("type") if isinstance(module, dict) else None
+        if not isinstance(kind, str):
+            raise ExportInputError(
+                f"{modules_file} lists {module!r}, which has no module type; fix the file"
+            )
+        kinds.append(kind.rsplit(".", 1)[-1])
+        if kinds[-1] not in _ST_MODULES:
+            raise ExportUnsupportedError(
+                f"{modules_file} has a sentence-transformers {kinds[-1]} module "
+                f"({module.get('path') or kind!r}), which the bundle cannot reproduce: only "
+                f"{', '.join(_ST_MODULES)} pipelines are supported"
+            )
+    return _pooling(path / "1_Pooling" / "config.json"), "Normalize" in kinds
+
+
+def _pooling(config: Path) -> str:
+    if not config.is_file():
+        return "mean"
+    data = _read_json(config, dict)
+    modes = sorted(
+        key.removeprefix("pooling_mode_")
+        for key, on in data.items()
+        if key.startswith("pooling_mode_") and on is True
     )
-    return pooling, normalize
+    if modes == ["cls_token"]:
+        return "cls"
+    if modes == ["mean_tokens"] or (not modes and "pooling_mode_mean_tokens" not in data):
+        return "mean"
+    raise ExportUnsupportedError(
+        f"sentence-transformers pooling {' + '.join(modes) or 'none'} in {config} is not "
+        "supported: a bundle pools by the mean or the CLS token, one of them"
+    )
+
+
+def _read_json(path: Path, kind: type) -> Any:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportInputError(f"cannot read {path}: {exc}; fix or remove the file") from exc
+    if not isinstance(data, kind):
+        raise ExportInputError(
+            f"{path} holds a JSON {type(data).__name__}, not the {kind.__name__} expected; "
+            "fix or remove the file"
+        )
+    return data
 
 
 def _layers(config: ExportConfig, n_layers: int) -> tuple[int, ...]:
@@ -176,7 +410,7 @@ def _layers(config: ExportConfig, n_layers: int) -> tuple[int, ...]:
         return tuple(range(n_layers // 2, n_layers))
     bad = [i for i in config.lora_layers if not 0 <= i < n_layers]
     if bad:
-        raise ExportError(f"lora_layers {bad} out of range: the model has {n_layers} layers")
+        raise ExportInputError(f"lora_layers {bad} out of range: the model has {n_layers} layers")
     return tuple(sorted(set(config.lora_layers)))
 
 
@@ -247,13 +481,19 @@ def _build(source: str, work: Path, config: ExportConfig, stage: Progress) -> Ma
     if config.max_length is None:
         config = dataclasses.replace(config, max_length=src.max_length)
     assert config.max_length is not None  # for mypy: set just above
+    if config.max_length > src.positions:
+        raise ExportInputError(
+            f"max_length {config.max_length} is more than the {src.positions} positions "
+            f"{source!r} can embed (its position table); pass --max-length {src.positions} "
+            "or less"
+        )
     encoder = src.encoder
     n_layers = len(src.family.layers(encoder))
     targets = config.lora_target_modules or src.family.default_targets
     layers = _layers(config, n_layers)
     sites = find_slot_sites(encoder, src.family, targets, layers)
     if not sites:
-        raise ExportError(
+        raise ExportInputError(
             f"LoRA target modules {list(targets)} match no Linear layer in layers "
             f"{list(layers)} of {encoder.config.model_type}; check --target-modules"
         )

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from edgeperso.bundle import LoraSpec, UserEmbeddingSpec
-from edgeperso_export._errors import ExportError
+from edgeperso_export._errors import ExportInputError, ExportUnsupportedError
 
 LEVELS = ("user", "persona", "global")
 
@@ -87,7 +87,7 @@ FAMILIES: dict[str, Family] = {
 def family_of(model_type: str) -> Family:
     family = FAMILIES.get(model_type)
     if family is None:
-        raise ExportError(
+        raise ExportUnsupportedError(
             f"unsupported architecture {model_type!r}: supported encoder families are "
             f"{sorted(FAMILIES)}"
         )
@@ -130,7 +130,7 @@ def find_slot_sites(
 ) -> list[SlotSite]:
     """The Linear modules matched by `targets` (peft suffix semantics) in `layers`."""
     pattern = re.compile(rf"(?:^|\.){family.layer_pattern}\.(\d+)\.(.+)$")
-    sites = []
+    sites: dict[str, SlotSite] = {}
     for name, module in encoder.named_modules():
         match = pattern.search(name)
         if match is None or not isinstance(module, nn.Linear):
@@ -138,9 +138,17 @@ def find_slot_sites(
         layer, rest = int(match.group(1)), match.group(2)
         if layer not in layers or not any(rest == t or rest.endswith("." + t) for t in targets):
             continue
+        # Graph inputs are named after the last segment ("l3.query"): a target matching two
+        # modules that end alike in one layer ("dense") would give both one slot.
         short = f"l{layer}." + rest.split(".")[-1]
-        sites.append(SlotSite(name, short, layer, module.in_features, module.out_features))
-    return sites
+        if short in sites:
+            raise ExportInputError(
+                f"LoRA target modules {list(targets)} match both {sites[short].module} and "
+                f"{name}, which would share the slot name {short!r}; name each module by a "
+                f"longer suffix, e.g. --target-modules {rest}"
+            )
+        sites[short] = SlotSite(name, short, layer, module.in_features, module.out_features)
+    return list(sites.values())
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from edgeperso._onnxruntime import ort
 from edgeperso.bundle import ParityCheck
 from edgeperso_export._config import ExportConfig
+from edgeperso_export._errors import ExportError
 from edgeperso_export._graphs import TRAIN_BATCH
 from edgeperso_export._model import PersonalModel, TrainLoss
 
@@ -226,9 +227,12 @@ def check_against_peft(
 
 def _short_name(peft_module_name: str, reference: PersonalModel) -> str:
     for site in reference.sites:
-        if peft_module_name.endswith(site.module):
+        if peft_module_name == site.module or peft_module_name.endswith("." + site.module):
             return site.short
-    raise KeyError(peft_module_name)
+    raise ExportError(
+        f"peft put a LoRA adapter on {peft_module_name!r}, which has no slot in the bundle; "
+        "report this with the model and --target-modules used"
+    )
 
 
 def check_gradients(
