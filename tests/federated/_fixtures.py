@@ -330,6 +330,24 @@ def share_keys(device: httpx.Client, secagg: SecAggClient) -> None:
     assert sent.status_code == 204, sent.text
 
 
+def joined_with_keys(
+    coord: Any, app_id: str, key: str, round_id: str, n: int
+) -> tuple[list[Any], list[SecAggClient]]:
+    """`n` devices of an in-process Coordinator, enrolled, joined to the secure round and
+    past key sharing: (their Devices, their SecAgg clients)."""
+    from edgeperso_federated._rounds import Device
+
+    devices = [Device(coord.enrol(app_id, key)[0], app_id) for _ in range(n)]
+    clients = [SecAggClient.start(round_id) for _ in devices]
+    for d, c in zip(devices, clients, strict=True):
+        coord.join(round_id, d, c.c_pk, c.s_pk)
+    for d, c in zip(devices, clients, strict=True):
+        nb = coord.neighbours(round_id, d)
+        peers = {p["index"]: (p["c_pk"], p["s_pk"]) for p in nb["neighbours"]}
+        coord.submit_shares(round_id, d, c.share_keys(nb["index"], peers, nb["threshold"]))
+    return devices, clients
+
+
 def masked_input(
     device: httpx.Client, secagg: SecAggClient, task: RoundTask, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ from _fixtures import (
     LAYOUT,
     contribution,
     initial_model,
+    joined_with_keys,
     local_update,
     model_payload,
 )
@@ -240,14 +241,7 @@ def test_a_secure_round_keeps_a_running_masked_sum_not_the_uploads(
     app_id, key = _app(coordinator)
     task_json, task = _round(coordinator, app_id, 4)
     rid = task_json["round_id"]
-    devices = [Device(coordinator.enrol(app_id, key)[0], app_id) for _ in range(4)]
-    clients = [SecAggClient.start(rid) for _ in devices]
-    for d, c in zip(devices, clients, strict=True):
-        coordinator.join(rid, d, c.c_pk, c.s_pk)
-    for d, c in zip(devices, clients, strict=True):
-        nb = coordinator.neighbours(rid, d)
-        peers = {p["index"]: (p["c_pk"], p["s_pk"]) for p in nb["neighbours"]}
-        coordinator.submit_shares(rid, d, c.share_keys(nb["index"], peers, nb["threshold"]))
+    devices, clients = joined_with_keys(coordinator, app_id, key, rid, 4)
     masked = []
     for seed, (d, c) in enumerate(zip(devices[:3], clients[:3], strict=True)):
         inbox = {s["from"]: s["sealed"] for s in coordinator.inbox(rid, d)}

@@ -11,12 +11,16 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from _fixtures import ADMIN_TOKEN, contribution, initial_model, model_payload
+from _fixtures import (
+    ADMIN_TOKEN,
+    contribution,
+    initial_model,
+    joined_with_keys,
+    model_payload,
+)
 from edgeperso_federated import Coordinator, CoordinatorConfig, RoundConfig, create_app
-from edgeperso_federated._rounds import Device
 
 from edgeperso.federation import RoundTask
-from edgeperso.federation._protocol import SecAggClient
 from edgeperso.federation._secagg import SHARE_BYTES, encode_fixed_point
 from edgeperso.federation._wire import encode_tensors
 
@@ -49,14 +53,7 @@ def test_a_wrong_revealed_share_aborts_the_round_and_the_app_can_open_another(
     task_json = coord.task(app_id)
     assert task_json is not None
     task = RoundTask.from_json(task_json, initial_model())
-    devices = [Device(coord.enrol(app_id, key)[0], app_id) for _ in range(4)]
-    clients = [SecAggClient.start(rid) for _ in devices]
-    for d, c in zip(devices, clients, strict=True):
-        coord.join(rid, d, c.c_pk, c.s_pk)
-    for d, c in zip(devices, clients, strict=True):
-        nb = coord.neighbours(rid, d)
-        peers = {p["index"]: (p["c_pk"], p["s_pk"]) for p in nb["neighbours"]}
-        coord.submit_shares(rid, d, c.share_keys(nb["index"], peers, nb["threshold"]))
+    devices, clients = joined_with_keys(coord, app_id, key, rid, 4)
     for seed, (d, c) in enumerate(zip(devices, clients, strict=True)):
         inbox = {s["from"]: s["sealed"] for s in coord.inbox(rid, d)}
         vector = encode_fixed_point(contribution(task, seed), task.fixed_point_scale)

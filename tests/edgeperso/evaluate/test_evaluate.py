@@ -195,11 +195,9 @@ def test_an_unreadable_feature_cache_is_read_as_empty_with_a_warning(
         assert "is rewritten" in caplog.text and str(path) in caplog.text
 
 
-def test_an_unreadable_feature_cache_is_computed_again_and_rewritten(
-    noyes_bundle: Path, tmp_path: Path
-) -> None:
-    cache = unreadable_caches(tmp_path)[0]
-    config = EvalConfig(
+def one_user_with_cache(cache: Path) -> EvalConfig:
+    """A quick run (one user, a fixed head) that reads and writes the feature cache."""
+    return EvalConfig(
         cold_start=(),
         max_users=1,
         head_l2=0.1,
@@ -207,7 +205,13 @@ def test_an_unreadable_feature_cache_is_computed_again_and_rewritten(
         bootstrap=10,
         feature_cache=str(cache),
     )
-    report = evaluate(annotation_rows(), noyes_bundle, config)
+
+
+def test_an_unreadable_feature_cache_is_computed_again_and_rewritten(
+    noyes_bundle: Path, tmp_path: Path
+) -> None:
+    cache = unreadable_caches(tmp_path)[0]
+    report = evaluate(annotation_rows(), noyes_bundle, one_user_with_cache(cache))
     with np.load(cache) as npz:
         assert len(npz["keys"]) == report.global_head["distinct_texts"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -218,15 +222,7 @@ def test_a_feature_cache_shared_with_a_bundle_of_another_width_keeps_this_bundle
 ) -> None:
     cache = tmp_path / "features.npz"
     _write_cache(cache, {"f" * 64: np.ones(768, np.float32)})  # another model's feature
-    config = EvalConfig(
-        cold_start=(),
-        max_users=1,
-        head_l2=0.1,
-        head_class_weighting=True,
-        bootstrap=10,
-        feature_cache=str(cache),
-    )
-    report = evaluate(annotation_rows(), noyes_bundle, config)
+    report = evaluate(annotation_rows(), noyes_bundle, one_user_with_cache(cache))
     with np.load(cache) as npz:
         assert "f" * 64 not in npz["keys"].tolist()
         assert len(npz["keys"]) == report.global_head["distinct_texts"]
