@@ -11,6 +11,11 @@ import os
 import re
 import secrets
 import shutil
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so no judging of other exports' work folders
+    fcntl = None  # type: ignore[assignment]
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,30 +107,44 @@ def export_bundle(
     _restore_replaced(out)
     _check_output(out, source, overwrite=overwrite)
     stage = on_stage or (lambda name: None)
-    work = _make_work_dir(out)
+    work, lock, lock_fd = _make_work_dir(out)
     try:
         manifest = _build(str(source), work, config, stage)
         _replace_dir(work, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        lock.unlink(missing_ok=True)  # before closing: no other export may take it first
+        os.close(lock_fd)
     return manifest
 
 
-def _make_work_dir(out: Path) -> Path:
+def _make_work_dir(out: Path) -> tuple[Path, Path, int]:
+    """A fresh work folder beside `out`, and the lock file (held: its descriptor) that marks
+    it as in use until this export ends."""
+    fd = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_work(out)
+        name = f".{out.name}.{os.getpid()}-{secrets.token_hex(8)}"
+        lock = out.with_name(name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         # A plain mkdir (0o777 less the umask, like any folder), not mkdtemp's 0700: a bundle
         # is app data that a service account or another user may need to read, not a secret.
-        work = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(8)}.partial")
+        work = out.with_name(name + ".partial")
         work.mkdir()
     except OSError as exc:
+        if fd is not None:
+            lock.unlink(missing_ok=True)
+            os.close(fd)
         raise ExportError(
             f"cannot create a work folder beside {str(out)!r}: {exc}; choose an output in a "
             "folder you can write to"
         ) from exc
-    return work
+    return work, lock, fd
 
 
 def _output_path(output: str | os.PathLike[str]) -> Path:
@@ -155,6 +174,11 @@ def _check_existing(out: Path, *, overwrite: bool, meanwhile: bool = False) -> N
     """Refuse an existing `out` unless `overwrite` and it is a bundle or an empty folder."""
     if not out.exists() and not out.is_symlink():
         return
+    if os.path.ismount(out):  # a volume's root cannot be renamed: the swap would fail late
+        raise ExportInputError(
+            f"output {str(out)!r} is a mount point, which cannot be replaced by a rename; "
+            f"export into a folder inside it, e.g. {str(out / 'bundle')!r}"
+        )
     if not overwrite:
         exists = "appeared while the export ran" if meanwhile else "exists"
         raise ExportInputError(
@@ -200,31 +224,30 @@ def _written_by_edgeperso(manifest: Path) -> bool:
 
 
 def _remove_stale_work(out: Path) -> None:
-    """Remove the work folders that killed exports to `out` left (see export_bundle)."""
-    pattern = re.compile(
-        rf"\.{re.escape(out.name)}\.(?:(\d+)-[0-9a-f]{{16}}|[a-z0-9_]{{8}})\.partial"
-    )
+    """Remove the work folders that killed exports to `out` left (see export_bundle): those
+    whose lock file beside them nobody holds. An export holds its lock (flock) from start
+    to end, whatever process namespace it runs in; without flock (Windows) nothing is
+    removed."""
+    if fcntl is None:
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.\d+-[0-9a-f]{{16}}\.partial")
     for path in out.parent.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match is None or path.is_symlink() or not path.is_dir():
+        if not pattern.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
             continue
-        pid = match.group(1)  # None: mkdtemp's name, from an exporter older than this check
-        if pid is not None and _process_alive(int(pid)):
-            continue  # another export to the same output is running: its rename decides
+        lock = path.with_suffix(".lock")
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            continue  # no lock file: not a folder this exporter made, or not ours to judge
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # an export is building there
+        finally:
+            os.close(fd)
         log.warning("removing %s, left behind by an export that was killed", path)
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # no harmless liveness probe (os.kill terminates on Windows): keep it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
+        lock.unlink(missing_ok=True)
 
 
 def _replace_dir(new: Path, target: Path, *, overwrite: bool) -> None:
@@ -234,8 +257,12 @@ def _replace_dir(new: Path, target: Path, *, overwrite: bool) -> None:
         _rename(new, target)
         return
     trash = _replaced(target)
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(target, trash)
+    try:
+        os.replace(target, trash)
+    except OSError as exc:
+        raise ExportError(
+            f"cannot move the old bundle at {str(target)!r} aside: {exc}; nothing was changed there"
+        ) from exc
     try:
         _rename(new, target)
     except BaseException:
@@ -253,12 +280,20 @@ def _restore_replaced(out: Path) -> None:
     """A process killed between the two renames of `--overwrite` left the old bundle aside
     and nothing at `out`: put it back before anything else."""
     trash = _replaced(out)
-    if not out.exists() and not out.is_symlink() and trash.is_dir():
-        log.warning("restoring %s: an export replacing it was killed midway", out)
-        try:
-            os.replace(trash, out)
-        except OSError as exc:
-            raise ExportError(f"cannot restore {str(out)!r} from {str(trash)!r}: {exc}") from exc
+    if not trash.exists() and not trash.is_symlink():
+        return
+    if _not_a_bundle(trash) is not None or not (trash / MANIFEST).exists():
+        raise ExportInputError(
+            f"{str(trash)!r} is in the way: an export keeps the bundle it replaces there, "
+            "and this is not one; move it away"
+        )
+    if out.exists() or out.is_symlink():
+        return  # the swap finished: this copy is garbage, removed by the next swap
+    log.warning("restoring %s: an export replacing it was killed midway", out)
+    try:
+        os.replace(trash, out)
+    except OSError as exc:
+        raise ExportError(f"cannot restore {str(out)!r} from {str(trash)!r}: {exc}") from exc
 
 
 def _rename(new: Path, target: Path) -> None:

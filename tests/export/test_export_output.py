@@ -3,12 +3,11 @@ and what the finished folder looks like. The build itself is stubbed: these are 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,6 +154,22 @@ def test_a_bundle_left_aside_by_a_killed_swap_is_restored_first(
     assert "an export replacing it was killed midway" in caplog.text
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_something_else_where_the_swap_keeps_the_old_bundle_is_refused_up_front(
+    tmp_path: Path, stub_build: list[Path], kind: str
+) -> None:
+    aside = tmp_path / ".bundle.old"
+    if kind == "file":
+        aside.write_text("mine")
+    else:
+        aside.mkdir()
+        (aside / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidInputError, match="is in the way"):
+        export_bundle("model", tmp_path / "bundle", CONFIG, overwrite=True)
+    assert stub_build == []  # refused before the build
+    assert aside.exists()
+
+
 def test_output_that_appears_during_the_export_is_not_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,28 +200,42 @@ def test_bundle_folder_gets_ordinary_permissions(tmp_path: Path, stub_build: lis
     assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o750  # as mkdir would make it
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
 def test_work_folders_of_killed_exports_are_removed_by_the_next_one(
     tmp_path: Path, stub_build: list, caplog: pytest.LogCaptureFixture
 ) -> None:
-    left = [
-        tmp_path / ".bundle.k3j_x9a2.partial",  # mkdtemp's name, from an older exporter
-        tmp_path / f".bundle.{_dead_pid()}-0123456789abcdef.partial",
-    ]
-    running = tmp_path / f".bundle.{os.getpid()}-fedcba9876543210.partial"
-    other = tmp_path / f".bundle.v2.{_dead_pid()}-0123456789abcdef.partial"  # output bundle.v2
-    for folder in (*left, running, other):
+    """A work folder is a leftover when nobody holds the lock file beside it (flock works
+    across processes and PID namespaces); anything else is left alone."""
+
+    def work_folder(name: str, *, lock: bool) -> Path:
+        folder = tmp_path / f"{name}.partial"
         folder.mkdir()
         (folder / "infer.onnx").write_text("partial")
-    with caplog.at_level(logging.WARNING, logger="edgeperso_export._export"):
-        export_bundle("model", tmp_path / "bundle", CONFIG)
-    assert _hidden(tmp_path) == sorted([running.name, other.name])
-    assert sum("left behind by an export that was killed" in r.message for r in caplog.records) == 2
+        if lock:
+            (tmp_path / f"{name}.lock").touch()
+        return folder
+
+    killed = work_folder(".bundle.1234-0123456789abcdef", lock=True)
+    running = work_folder(".bundle.5678-fedcba9876543210", lock=True)
+    unlocked = [
+        work_folder(".bundle.k3j_x9a2", lock=False),  # an older exporter's, or a user's
+        work_folder(".bundle.999-00112233445566ff", lock=False),  # no lock file: not judged
+    ]
+    other = work_folder(".bundle.v2.1234-0123456789abcdef", lock=True)  # output bundle.v2
+    fd = os.open(tmp_path / ".bundle.5678-fedcba9876543210.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the running export's
+    try:
+        with caplog.at_level(logging.WARNING, logger="edgeperso_export._export"):
+            export_bundle("model", tmp_path / "bundle", CONFIG)
+    finally:
+        os.close(fd)
+    assert not killed.exists() and not killed.with_suffix(".lock").exists()
+    assert running.exists() and other.exists() and all(p.exists() for p in unlocked)
+    assert sum("left behind by an export that was killed" in r.message for r in caplog.records) == 1
+    # the kept folders' locks remain; this export's own was removed when it finished
+    assert sorted(p.name for p in tmp_path.glob("*.lock")) == [
+        ".bundle.5678-fedcba9876543210.lock",
+        ".bundle.v2.1234-0123456789abcdef.lock",
+    ]
 
 
 def test_sigterm_during_a_cli_export_is_an_exit_that_cleans_up() -> None:
