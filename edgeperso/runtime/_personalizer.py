@@ -148,7 +148,7 @@ class Personalizer:
         self._served_lock = threading.Lock()
         # Users a forget() is waiting for: their running train() calls cancel themselves.
         self._forgetting: Counter[str] = Counter()
-        self._shared  # noqa: B018 - reads the installed ones now: a bad store fails at open
+        self._shared_state()  # reads the installed ones now: a bad store fails at open
         mismatch = check_quantization(self.manifest.quantization)
         if mismatch is not None:
             log.warning(mismatch)
@@ -458,7 +458,7 @@ class Personalizer:
         _params.check_params(specs, params)
         updated = self._shared | {k: np.array(v, np.float32) for k, v in params.items()}
         self.store.put_blob(SHARED_USER, "shared", self._stamp(updated), keep=2)
-        self._shared  # noqa: B018 - takes them in (users' cached feeds follow the token)
+        self._shared_state()  # takes them in (users' cached feeds follow the token)
 
     def shared_update(self, user: str, names: Sequence[str], *, l2: float = 1.0) -> SharedUpdate:
         """This device's contribution to a federated round over the shared parameters `names`
