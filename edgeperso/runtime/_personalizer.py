@@ -388,14 +388,14 @@ class Personalizer:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidInputError("k must be an int >= 1")
         check_texts([text])
-        cached = self._embeddings(user, fill=True)
+        cached, examples = self._embedded(user, fill=True)
         if not cached:
             return []
         query = self._run_base([text], ["features"])[0][0]
         ids = sorted(cached)
         matrix = np.stack([cached[i] for i in ids])
         sims = matrix @ query / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(query) + 1e-12)
-        by_id = {ex.id: ex for ex in self.store.examples(user)}
+        by_id = {ex.id: ex for ex in examples}
         order = [i for i in np.argsort(-sims) if ids[i] in by_id][:k]
         return [(by_id[ids[i]], float(sims[i])) for i in order]
 
@@ -1105,8 +1105,12 @@ class Personalizer:
             )
 
     def _embeddings(self, user: str, *, fill: bool) -> dict[int, np.ndarray]:
-        """The user's history embeddings (example id -> base-model features), as far as
-        this bundle made them: those another bundle made (an app update) are not used.
+        return self._embedded(user, fill=fill)[0]
+
+    def _embedded(self, user: str, *, fill: bool) -> tuple[dict[int, np.ndarray], list[Example]]:
+        """(the user's history embeddings: example id -> base-model features, the examples
+        read to fill them in: [] without `fill`). Only the embeddings this bundle made are
+        returned: those another bundle made (an app update) are not used.
 
         With `fill`, the missing ones (another bundle's, or an add_examples interrupted
         between its two writes) are computed and stored now, only for examples that still
@@ -1122,12 +1126,12 @@ class Personalizer:
         )
         if stale:
             if not fill:
-                return {}
+                return {}, []
             log.info("recomputing a user's history embeddings: another bundle made them")
             self.store.delete_embeddings(user)
             cached = {}
         if not fill:
-            return cached
+            return cached, []
         examples = self.store.examples(user)
         missing = [ex for ex in examples if ex.id not in cached]
         if missing:
@@ -1137,7 +1141,7 @@ class Personalizer:
             cached |= fresh
         if examples and made_by != self.bundle_identity:
             self.store.set_state(user, EMBEDDINGS_OF, self.bundle_identity, create=False)
-        return cached
+        return cached, examples
 
     def _history(self, user: str, *, fill: bool) -> tuple[np.ndarray, np.ndarray]:
         ue = self.manifest.user_embedding
