@@ -171,7 +171,7 @@ class FederationClient:
     def latest(self, summary: np.ndarray) -> tuple[int, dict[str, np.ndarray]]:
         """(version, parameters for the persona nearest `summary`) of the newest model."""
         model, meta = decode_tensors(self._request("GET", "/v1/models/latest").content)
-        layout = PersonaLayout.from_json(json.loads(meta["layout"]))
+        layout = PersonaLayout.from_metadata(meta, "the coordinator's model")
         persona = nearest_persona(model[CENTROIDS], np.asarray(summary, np.float64))
         return int(meta["version"]), model_params(layout, model, persona)
 

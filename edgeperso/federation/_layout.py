@@ -14,6 +14,7 @@ LoRA A is not: it is identical on every device, so averaging B alone is exact (F
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -165,6 +166,21 @@ class PersonaLayout:
             if isinstance(exc, InvalidInputError):
                 raise
             raise InvalidInputError(f"invalid parameter layout ({exc})") from exc
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], source: str) -> PersonaLayout:
+        """The layout a model payload carries as JSON under 'layout' in its safetensors
+        metadata (as `json.dumps(layout.to_json())`); `source` names the payload in errors."""
+        try:
+            data = json.loads(meta["layout"])
+        except (KeyError, ValueError) as exc:
+            raise InvalidInputError(
+                f"{source} has no JSON 'layout' in its safetensors __metadata__ ({exc}); write "
+                "json.dumps(layout.to_json()) there (edgeperso_federated.save_model does)"
+            ) from exc
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"{source}: the 'layout' metadata must be a JSON object")
+        return cls.from_json(data)
 
     def model_tensors(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Names, dtypes and shapes of a model payload with this layout."""

@@ -108,14 +108,7 @@ def load_model(path: str | os.PathLike[str]) -> tuple[PersonaLayout, dict[str, n
         tensors, meta = decode_tensors(Path(path).read_bytes())
     except OSError as exc:
         raise InvalidInputError(f"cannot read the model file {str(path)!r} ({exc})") from exc
-    try:
-        layout_json = json.loads(meta["layout"])
-    except (KeyError, ValueError) as exc:
-        raise InvalidInputError(
-            f"{str(path)!r} has no JSON 'layout' in its safetensors metadata; write the file "
-            "with edgeperso_federated.save_model"
-        ) from exc
-    layout = PersonaLayout.from_json(layout_json)
+    layout = PersonaLayout.from_metadata(meta, repr(str(path)))
     expect_tensors(tensors, layout.model_tensors())
     return layout, tensors
 

@@ -213,18 +213,7 @@ class Coordinator:
     def put_model(self, app_id: str, version: int, payload: bytes) -> None:
         """Store an initial or operator-provided model version (safetensors + layout metadata)."""
         tensors, meta = decode_tensors(payload)
-        if "layout" not in meta:
-            raise InvalidInputError("model payload needs a 'layout' entry in __metadata__")
-        try:
-            layout_json = json.loads(meta["layout"])
-        except ValueError as exc:
-            raise InvalidInputError(
-                f"the model's __metadata__ 'layout' is not JSON ({exc}); write "
-                "json.dumps(layout.to_json()) there"
-            ) from exc
-        if not isinstance(layout_json, dict):
-            raise InvalidInputError("the model's __metadata__ 'layout' must be a JSON object")
-        layout = PersonaLayout.from_json(layout_json)
+        layout = PersonaLayout.from_metadata(meta, "the model payload")
         expect_tensors(tensors, layout.model_tensors())
         with self.engine.begin() as conn:
             self._app(conn, app_id)
