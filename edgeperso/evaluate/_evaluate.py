@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeperso._atomic import write_atomically
 from edgeperso._errors import InvalidInputError, UnsupportedError
 from edgeperso.bundle import Bundle, sha256_file
 from edgeperso.evaluate import _metrics
@@ -31,7 +32,7 @@ from edgeperso.evaluate._data import (
     to_records,
 )
 from edgeperso.evaluate._global import fit_global_head
-from edgeperso.evaluate._paths import writable_file, write_atomically
+from edgeperso.evaluate._paths import writable_file
 from edgeperso.evaluate._report import ColdStartPoint, EvalReport, UserResult, machine_info
 from edgeperso.runtime import Personalizer, SharedTrainConfig, _params
 from edgeperso.runtime._shared import load_shared_file

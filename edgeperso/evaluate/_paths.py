@@ -1,12 +1,10 @@
-"""The files and folders a run writes: checked before it runs, written whole or not at all."""
+"""The files and folders a run writes, checked before it runs."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 from edgeperso._errors import InvalidInputError
 
@@ -36,19 +34,6 @@ def writable_file(path: str | os.PathLike[str], what: str) -> Path:
         raise InvalidInputError(f"{what}: the folder of {file} does not exist; create it first")
     _probe(file.parent, f"{what}: the folder of {file}")
     return file
-
-
-def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """`write` into a temporary file beside `path`, then rename it over `path`: a reader
-    (another run sharing the file) sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            write(out)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _probe(folder: Path, what: str) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from edgeperso._atomic import write_atomically
 from edgeperso._errors import InvalidInputError, StorageError, UnsupportedError
 from edgeperso.bundle import sha256_file
 from edgeperso.runtime import _params
@@ -273,15 +273,9 @@ def save_shared_file(
     target = Path(path)
     tensors = {name: np.ascontiguousarray(value, np.float32) for name, value in params.items()}
     header = {"format": SHARED_FILE_FORMAT, "bundle_identity": bundle_identity, **extra}
+    data = safetensors.numpy.save(tensors, metadata=header)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        os.close(fd)
-        try:
-            safetensors.numpy.save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomically(target, lambda out: out.write(data))
     except OSError as exc:
         raise StorageError(f"cannot write {target}: {exc}") from exc
     return sha256_file(target)
