@@ -613,10 +613,7 @@ class Personalizer:
         if not embedding:
             chosen, global_score, best_score = self._stage1(data, config, rng)
             if cancel is not None and cancel():
-                raise CancelledError(
-                    "train() was cancelled before anything was stored: the user's stored "
-                    "adapter is unchanged; call train() again to train"
-                )
+                raise _cancelled_before_storing()
         head_l2 = float(chosen[1]) if chosen is not None and chosen[0] == "head" else None
         knn = chosen[1] if chosen is not None and chosen[0] == "knn" else None
         kept: Params | None = None
@@ -973,10 +970,7 @@ class Personalizer:
         wanted = ["features", "output", *(["prefix"] if with_prefix else [])]
         for ex in examples:
             if cancel is not None and cancel():
-                raise CancelledError(
-                    "train() was cancelled before anything was fitted: the user's stored "
-                    "adapter is unchanged; call train() again to train"
-                )
+                raise _cancelled_before_storing()
             enc = self._encoder.encode([ex.text])
             truncated += int(enc.truncated[0] or (with_prefix and enc.input_ids.shape[1] > longest))
             values = self._infer.run(wanted, feeds | self._base_feeds(enc))
@@ -1283,6 +1277,13 @@ class Personalizer:
         optimizer.load({k[2:]: v for k, v in blob.items() if k.startswith("o.")})
         best = {k[2:]: v for k, v in blob.items() if k.startswith("b.")} or None
         return int(meta["step"]), best, float(meta["best_score"]), int(meta["step"])
+
+
+def _cancelled_before_storing() -> CancelledError:
+    return CancelledError(
+        "train() was cancelled before anything was stored: the user's stored adapter is "
+        "unchanged; call train() again to train"
+    )
 
 
 def _check_app_user(user: object) -> None:

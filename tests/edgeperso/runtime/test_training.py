@@ -188,7 +188,7 @@ def test_a_train_cancelled_before_anything_is_fitted_raises_and_changes_nothing(
         examples_seen += 1
         return examples_seen > 3
 
-    with pytest.raises(CancelledError, match="before anything was fitted"):
+    with pytest.raises(CancelledError, match="before anything was stored"):
         classifier.train("alice", TrainConfig(adapter=True), cancel=cancel_in_the_feature_pass)
 
     assert examples_seen == 4  # asked once per example: it stopped at the fourth
