@@ -10,6 +10,8 @@ DP-FedAvg noise N(0, (z * sensitivity)^2) is added to the sum before anything is
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -57,11 +59,45 @@ def fixed_point_error(contributors: int, scale: float) -> float:
     return contributors * 0.5 / scale
 
 
-def add_noise(total: np.ndarray, config: RoundConfig, rng: np.random.Generator) -> np.ndarray:
+def add_noise(
+    total: np.ndarray, config: RoundConfig, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """`total` plus N(0, (z * sensitivity)^2) per coordinate.
+
+    The noise comes from the operating system's CSPRNG (`secure_normal`). A seeded `rng` is
+    for reproducing a simulation in tests only: anyone who knows its seed can subtract the
+    noise, and with it the guarantee.
+    """
     if config.noise_multiplier == 0:
         return total
     std = config.noise_multiplier * config.sensitivity
-    return total + rng.normal(0.0, std, size=total.shape)
+    noise: np.ndarray = (
+        secure_normal(total.shape, std) if rng is None else rng.normal(0.0, std, total.shape)
+    )
+    noisy: np.ndarray = total + noise
+    return noisy
+
+
+def secure_normal(shape: tuple[int, ...], std: float) -> np.ndarray:
+    """float64 draws of N(0, std^2) from os.urandom, hardened against floating-point attacks.
+
+    numpy's generators are not cryptographic: their state can be recovered from outputs, and
+    noise that can be predicted can be subtracted. There is no CSPRNG-backed numpy
+    BitGenerator, so this is written out: 53-bit uniforms from os.urandom, Box-Muller, and
+    (as Opacus's secure mode does, after Holohan & Braghin, "Secure Random Sampling in
+    Differential Privacy", 2021) the sum of four draws at std/2 each: one floating-point draw
+    leaves gaps in the set of outputs it can produce, which tell an observer something about
+    the value it was added to (Mironov, CCS 2012); the sum fills them in.
+    """
+    count = math.prod(shape)
+    pairs = 2 * count  # 4 normals per value; Box-Muller turns one pair of uniforms into two
+    bits = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
+    uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1)
+    radius = np.sqrt(-2.0 * np.log1p(-uniform[0]))  # 1 - u in (0, 1]: log never sees 0
+    angle = 2.0 * math.pi * uniform[1]
+    draws = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[: 4 * count]
+    summed: np.ndarray = draws.reshape(4, count).sum(axis=0) * (std / 2.0)
+    return summed.reshape(shape)
 
 
 def means_of_sum(

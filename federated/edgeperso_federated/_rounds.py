@@ -146,7 +146,6 @@ class Coordinator:
         self._tokens: dict[str, tuple[str, str]] = {}  # device_id -> (token hash, app_id)
         self._layouts: dict[tuple[str, int], str] = {}  # (app_id, version) -> layout JSON
         self._listeners: list[Callable[[str], None]] = []
-        self._rng = np.random.default_rng()
         self._discard_finished()
 
     def on_stage_change(self, listener: Callable[[str], None]) -> None:
@@ -656,7 +655,7 @@ class Coordinator:
                 return None
             scale = fixed_point_scale(config.cohort_size, config.value_bound)
             means = _aggregate.means_of_sum(
-                _aggregate.add_noise(total, config, self._rng),
+                _aggregate.add_noise(total, config),
                 layout,
                 config,
                 weight_error=_aggregate.fixed_point_error(config.cohort_size, scale),
@@ -667,9 +666,7 @@ class Coordinator:
                 total = np.zeros(layout.length)
                 for vector in plain:  # one update in memory at a time
                     total += vector
-                means = _aggregate.means_of_sum(
-                    _aggregate.add_noise(total, config, self._rng), layout, config
-                )
+                means = _aggregate.means_of_sum(_aggregate.add_noise(total, config), layout, config)
             else:
                 means = _aggregate.trimmed_means(np.stack(list(plain)), layout, config)
         model, _ = decode_tensors(self._model_row(conn, row.app_id, config.model_version).tensors)

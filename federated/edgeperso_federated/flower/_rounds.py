@@ -50,6 +50,9 @@ class FlowerRounds:
     `epsilon_budget`/`delta` are the app's (as `POST /v1/admin/apps` takes them); `spent`
     lists the (noise_multiplier, sampling_probability) of rounds already published, so that a
     restarted ServerApp keeps counting. `on_publish` sees every new model (persist it there).
+    DP noise comes from the operating system's CSPRNG; `seed` replaces it with a seeded numpy
+    draw so that a simulation's published models can be reproduced (tests only: a known seed
+    lets anyone subtract the noise).
     """
 
     def __init__(
@@ -78,7 +81,7 @@ class FlowerRounds:
         self.delta = delta
         self.spent: list[tuple[float, float]] = list(spent)
         self.published: list[PublishedRound] = []
-        self._rng = np.random.default_rng(seed)
+        self._rng = None if seed is None else np.random.default_rng(seed)
         self._on_publish = on_publish
 
     def open_round(self, server_round: int) -> dict[str, Scalar]:
