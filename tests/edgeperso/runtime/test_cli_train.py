@@ -140,3 +140,40 @@ def test_ctrl_c_stops_training_at_the_next_step_and_the_next_run_goes_on(
     monkeypatch.setenv("EP_PASS", PASSPHRASE)
     assert main([*command[3:-3], "--max-seconds", "2", "-q"]) == 0
     assert "max_seconds; resumed from step " in capsys.readouterr().out
+
+
+def test_ctrl_c_in_the_feature_pass_exits_130_and_stores_nothing(
+    tmp_path: Path, tiny_bundles: dict[str, Path]
+) -> None:
+    """A real SIGINT as `edgeperso train` starts its pass of the shared model over the
+    user's examples (the lock file appears when training starts; the pass over 2,000
+    examples takes seconds here): exit 130, and the store holds what it held before."""
+    path = tmp_path / "profile.db"
+    bundle = tiny_bundles["classification"]
+    with Store.open(path, PassphraseKey(PASSPHRASE, **CHEAP)) as store:
+        Personalizer.open(bundle, store).add_examples("alice", topic_examples(1000))
+    before = path.read_bytes()
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from edgeperso._cli import main; sys.exit(main())",
+        "train",
+        str(path),
+        str(bundle),
+        "alice",
+        "--passphrase-env",
+        "EP_PASS",
+        "-q",
+    ]
+    env = {**os.environ, "EP_PASS": PASSPHRASE}
+    locks = path.with_name(path.name + ".locks")
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as proc:
+        deadline = time.monotonic() + 60
+        while not (locks.is_dir() and any(locks.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "cancelled before anything was stored" in out
+    assert path.read_bytes() == before
