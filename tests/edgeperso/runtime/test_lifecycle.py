@@ -225,6 +225,41 @@ def test_shared_parameters_installed_by_one_personalizer_reach_the_other(
     np.testing.assert_array_equal(reopened["global.head.w"], w)
 
 
+def test_a_serving_state_composed_before_an_install_is_not_served_after_it(
+    tiny_bundles: dict[str, Path], store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forced interleaving of two threads: a predict() that read the old shared
+    parameters stores its user's serving state only after another thread installed new ones.
+    That stale entry must not be served to the calls that follow."""
+    model = Personalizer.open(tiny_bundles["classification"], store)
+    model.add_examples("alice", topic_examples(3))
+    reached, resume = threading.Event(), threading.Event()
+    user_version = store.user_version
+
+    def paused_user_version(user: str) -> bytes | None:
+        # in _serving, the user's token is read right after the shared parameters
+        if user == "alice" and threading.current_thread().name == "early":
+            reached.set()
+            assert resume.wait(30)
+        return user_version(user)
+
+    monkeypatch.setattr(store, "user_version", paused_user_version)
+    early = threading.Thread(target=model.predict, args=("alice", PROBES), name="early")
+    early.start()
+    assert reached.wait(30)
+    bias = np.array([-8.0, 8.0, 0.0], np.float32)
+    model.install_shared({"global.head.b": bias})
+    resume.set()
+    early.join(30)
+    assert not early.is_alive()
+
+    served = model.predict("alice", PROBES)
+
+    expected = Personalizer.open(tiny_bundles["classification"], store).predict("alice", PROBES)
+    assert [p.label for p in served] == [p.label for p in expected] == ["b", "b"]
+    assert [p.probabilities for p in served] == [p.probabilities for p in expected]
+
+
 # ---- an app update that ships another bundle -------------------------------------------------
 
 
