@@ -14,6 +14,7 @@ private modules are shared with the coordinator (`edgeperso-federated`), which i
 """
 
 from edgeperso.federation._client import (
+    CoordinatorProtocolError,
     CoordinatorUnavailableError,
     FederationClient,
     FederationConfig,
@@ -30,6 +31,7 @@ from edgeperso.federation._state import (
 from edgeperso.federation._update import RoundTask
 
 __all__ = [
+    "CoordinatorProtocolError",
     "CoordinatorUnavailableError",
     "DirectoryStateStore",
     "FederatedParam",

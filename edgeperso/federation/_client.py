@@ -9,14 +9,19 @@ so an app that restarts mid-round calls `resume()` and continues where it stoppe
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
+import math
 import random
+import re
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -35,6 +40,7 @@ from edgeperso.federation._update import (
     CENTROIDS,
     RoundTask,
     build_contribution,
+    check_model,
     model_params,
     nearest_persona,
 )
@@ -52,6 +58,12 @@ class CoordinatorUnavailableError(EdgePersoError):
     """The coordinator could not be reached or kept failing; try again later."""
 
 
+class CoordinatorProtocolError(EdgePersoError):
+    """The coordinator sent a response this device cannot use: not the protocol's shape, too
+    large, or a model that does not fit its layout. Nothing was installed or revealed because
+    of it, and a round's saved state is kept for `resume()`."""
+
+
 class _StageClosedError(Exception):
     """The coordinator moved past the stage this device was in (it dropped out)."""
 
@@ -62,17 +74,58 @@ class FederationConfig:
     app_id: str
     enrolment_key: str
     opt_in: bool = False  # the app's explicit, user-approved opt-in; nothing is sent without it
-    request_timeout_s: float = 30.0
+    request_timeout_s: float = 30.0  # per request; a long poll gets its wait on top
     retries: int = 6
     backoff_s: float = 0.2
-    max_backoff_s: float = 5.0
+    max_backoff_s: float = 5.0  # a Retry-After longer than this ends the call instead
     verify_tls: bool | str = True  # False only for loopback tests; a path pins a CA bundle
+    # Plain rounds upload the device's update (and its user summary) unmasked: off unless the
+    # app accepts that, e.g. for trimmed-mean rounds that need individual updates.
+    allow_plain_rounds: bool = False
+    # http:// sends the device token in clear: allowed to loopback hosts only, unless this is set.
+    allow_insecure_http: bool = False
+    max_response_bytes: int = 64 << 20  # a larger answer is refused (CoordinatorProtocolError)
 
     def __post_init__(self) -> None:
-        if not self.coordinator_url.startswith(("http://", "https://")):
+        for name in ("coordinator_url", "app_id", "enrolment_key"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise InvalidInputError(f"{name} must be a non-empty str")
+        parts = urlsplit(self.coordinator_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidInputError("coordinator_url must be an http:// or https:// URL")
-        if self.retries < 0 or self.backoff_s <= 0 or self.max_backoff_s < self.backoff_s:
+        if parts.scheme == "http" and not (
+            self.allow_insecure_http or _is_loopback(parts.hostname)
+        ):
+            raise InvalidInputError(
+                "coordinator_url is plain http:// to another host: the device token would "
+                "travel in clear; use https://, or set allow_insecure_http=True on a network "
+                "you trust"
+            )
+        for name in ("opt_in", "allow_plain_rounds", "allow_insecure_http"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be True or False")
+        numbers = (self.request_timeout_s, self.backoff_s, self.max_backoff_s)
+        if not all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+            for x in numbers
+        ):
+            raise InvalidInputError("request_timeout_s, backoff_s and max_backoff_s: numbers")
+        if self.request_timeout_s <= 0:
+            raise InvalidInputError("request_timeout_s must be > 0")
+        if (
+            not isinstance(self.retries, int)
+            or isinstance(self.retries, bool)
+            or self.retries < 0
+            or self.backoff_s <= 0
+            or self.max_backoff_s < self.backoff_s
+        ):
             raise InvalidInputError("retries must be >= 0 and 0 < backoff_s <= max_backoff_s")
+        if (
+            not isinstance(self.max_response_bytes, int)
+            or isinstance(self.max_response_bytes, bool)
+            or self.max_response_bytes < 1 << 16
+        ):
+            raise InvalidInputError("max_response_bytes must be an int >= 65536")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +172,10 @@ class FederationClient:
         response = self._request("GET", "/v1/task")
         if response.status_code == 204:
             return None
-        task_json = response.json()
-        model = self._model(int(task_json["model_version"]))
-        return RoundTask.from_json(task_json, model)
+        task_json = response.json("task")
+        with _from_coordinator("task"):
+            version = _version(task_json["model_version"])
+        return self._task(task_json, self._model(version))
 
     def contribute(
         self,
@@ -133,7 +187,20 @@ class FederationClient:
         num_examples: int,
         timeout_s: float = 600.0,
     ) -> RoundOutcome:
-        """Join `task`'s round with this device's update and block until the round ends."""
+        """Join `task`'s round with this device's update and block until the round ends.
+
+        A plain round (`task.secure` False) uploads the update unmasked; it is refused
+        unless `FederationConfig(allow_plain_rounds=True)`, before anything is sent."""
+        if not isinstance(task, RoundTask):
+            raise InvalidInputError("task must be the RoundTask that check_in() returned")
+        if not task.secure and not self._config.allow_plain_rounds:
+            raise UnsupportedError(
+                f"round {task.round_id} is not secure: this device's update would reach the "
+                "coordinator unmasked. Set FederationConfig(allow_plain_rounds=True) to take "
+                "part in plain rounds"
+            )
+        if not isinstance(timeout_s, int | float) or not timeout_s > 0:
+            raise InvalidInputError("timeout_s must be a number > 0")
         vector, persona = build_contribution(task, before, after, summary, num_examples)
         record: dict[str, Any] = {
             "task": _task_json(task),
@@ -157,7 +224,7 @@ class FederationClient:
             return None
         tensors, meta = decode_tensors(saved)
         record = json.loads(meta["record"])
-        task = RoundTask.from_json(record["task"], self._model(int(record["model_version"])))
+        task = self._task(record["task"], self._model(int(record["model_version"])))
         return self._run(record, tensors["payload"], task, timeout_s)
 
     def enrol(self) -> None:
@@ -170,10 +237,14 @@ class FederationClient:
 
     def latest(self, summary: np.ndarray) -> tuple[int, dict[str, np.ndarray]]:
         """(version, parameters for the persona nearest `summary`) of the newest model."""
-        model, meta = decode_tensors(self._request("GET", "/v1/models/latest").content)
-        layout = PersonaLayout.from_metadata(meta, "the coordinator's model")
+        content = self._request("GET", "/v1/models/latest").content
+        with _from_coordinator("newest model"):
+            model, meta = decode_tensors(content)
+            layout = PersonaLayout.from_metadata(meta, "the coordinator's model")
+            check_model(layout, model)
+            version = _version(meta.get("version"))
         persona = nearest_persona(model[CENTROIDS], np.asarray(summary, np.float64))
-        return int(meta["version"]), model_params(layout, model, persona)
+        return version, model_params(layout, model, persona)
 
     # ---- the round ---------------------------------------------------------------------------
 
@@ -189,30 +260,38 @@ class FederationClient:
                 keys: dict[str, str | None] = {"c_pk": None, "s_pk": None}
                 if secagg is not None:
                     keys = {"c_pk": _b64(secagg.c_pk), "s_pk": _b64(secagg.s_pk)}
-                self._request("POST", f"{base}/join", json=keys)
+                self._request("POST", f"{base}/join", json=keys, deadline=deadline)
                 self._sent(record, payload, "join")
             if secagg is None:
                 self._wait(rid, "upload", deadline)
                 if "upload" not in record["sent"]:
                     body = encode_tensors({"update": payload})
-                    self._request("PUT", f"{base}/update", content=body, octet=True)
+                    self._request(
+                        "PUT", f"{base}/update", content=body, octet=True, deadline=deadline
+                    )
                     self._sent(record, payload, "upload")
             else:
                 self._secure_stages(record, payload, secagg, base, deadline)
             final = self._wait(rid, "published", deadline)
         except _StageClosedError:
             final = "missed"
-        self._state.delete(_ROUND)
+        # The round's record stays saved until its outcome is in hand: a failure below leaves
+        # resume() able to fetch it again.
         persona = int(record["persona"])
         if final != "published":
-            stage = str(self._status(rid)["stage"])
+            stage = self._status(rid)["stage"]
             status: Literal["aborted", "missed"] = "aborted" if stage == "aborted" else "missed"
             logger.info("round %s ended for this device: %s", rid, status)
+            self._state.delete(_ROUND)
             return RoundOutcome(status, rid, task.model_version, persona, None)
-        version = int(self._status(rid)["published_version"])
+        with _from_coordinator("round status"):
+            version = _version(self._status(rid).get("published_version"))
         model = self._model(version)
+        with _from_coordinator(f"model version {version}"):
+            check_model(task.layout, model)
         persona = nearest_persona(model[CENTROIDS], np.asarray(record["summary"], np.float64))
         params = model_params(task.layout, model, persona)
+        self._state.delete(_ROUND)
         return RoundOutcome("published", rid, version, persona, params)
 
     def _secure_stages(
@@ -227,37 +306,60 @@ class FederationClient:
         if "shares" not in record["sent"]:
             self._wait(rid, "share_keys", deadline)
             if "sealed" not in record:
-                nb = self._request("GET", f"{base}/neighbours").json()
-                peers = {
-                    int(n["index"]): (_unb64(n["c_pk"]), _unb64(n["s_pk"]))
-                    for n in nb["neighbours"]
-                }
-                sealed = secagg.share_keys(int(nb["index"]), peers, int(nb["threshold"]))
+                nb = self._request("GET", f"{base}/neighbours", deadline=deadline).json(
+                    "neighbour list"
+                )
+                with _from_coordinator("neighbour list"):
+                    peers = {
+                        _index(n["index"]): (_unb64(n["c_pk"]), _unb64(n["s_pk"]))
+                        for n in nb["neighbours"]
+                    }
+                    if len(peers) != len(nb["neighbours"]):
+                        raise InvalidInputError("a neighbour is listed twice")
+                    index, threshold = _index(nb["index"]), _index(nb["threshold"])
+                    sealed = secagg.share_keys(index, peers, threshold)
                 record["secagg"] = secagg.to_bytes().decode()
                 record["sealed"] = [{"to": v, "sealed": _b64(c)} for v, c in sealed.items()]
                 self._save(record, payload)
-            self._request("POST", f"{base}/shares", json={"shares": record["sealed"]})
+            self._request(
+                "POST", f"{base}/shares", json={"shares": record["sealed"]}, deadline=deadline
+            )
             self._sent(record, payload, "shares")
         if "masked" not in record["sent"]:
             self._wait(rid, "masked_input", deadline)
-            inbox = self._request("GET", f"{base}/inbox").json()["shares"]
-            masked = secagg.masked_input(
-                payload, {int(s["from"]): _unb64(s["sealed"]) for s in inbox}
-            )
+            inbox = self._request("GET", f"{base}/inbox", deadline=deadline).json("inbox")
+            with _from_coordinator("inbox"):
+                received = {_index(s["from"]): _unb64(s["sealed"]) for s in inbox["shares"]}
+                masked = secagg.masked_input(payload, received)
             record["secagg"] = secagg.to_bytes().decode()
             self._save(record, payload)
             self._request(
-                "PUT", f"{base}/masked", content=encode_tensors({"masked": masked}), octet=True
+                "PUT",
+                f"{base}/masked",
+                content=encode_tensors({"masked": masked}),
+                octet=True,
+                deadline=deadline,
             )
             self._sent(record, payload, "masked")
         if "reveal" not in record["sent"]:
             self._wait(rid, "unmasking", deadline)
-            survivors = self._request("GET", f"{base}/survivors").json()["survivors"]
-            shares = [
-                {"of": v, "kind": kind, "share": _b64(share)}
-                for v, kind, share in secagg.reveal([int(s) for s in survivors])
-            ]
-            self._request("POST", f"{base}/reveal", json={"shares": shares})
+            if "revealed" not in record:
+                listed = self._request("GET", f"{base}/survivors", deadline=deadline).json(
+                    "survivors list"
+                )
+                with _from_coordinator("survivors list"):
+                    survivors = [_index(v) for v in listed["survivors"]]
+                    revealed = secagg.reveal(survivors)
+                # Saved before it is sent: a resumed device sends these same shares again,
+                # never the other kind for a neighbour (secagg also refuses a second list).
+                record["revealed"] = [
+                    {"of": v, "kind": kind, "share": _b64(share)} for v, kind, share in revealed
+                ]
+                record["secagg"] = secagg.to_bytes().decode()
+                self._save(record, payload)
+            self._request(
+                "POST", f"{base}/reveal", json={"shares": record["revealed"]}, deadline=deadline
+            )
             self._sent(record, payload, "reveal")
 
     def _wait(self, round_id: str, stage: str, deadline: float) -> str:
@@ -270,21 +372,47 @@ class FederationClient:
                 raise CoordinatorUnavailableError(
                     f"round {round_id} did not reach {stage} in time; call resume() later"
                 )
-            seen = self._status(round_id, wait=min(20.0, remaining), seen=seen)["stage"]
+            seen = self._status(round_id, wait=min(20.0, remaining), seen=seen, deadline=deadline)[
+                "stage"
+            ]
             if seen == stage:
                 return seen
-            if seen in _FINAL or STAGES.index(str(seen)) > target:
+            if seen in _FINAL or STAGES.index(seen) > target:
                 raise _StageClosedError
 
-    def _status(self, round_id: str, wait: float = 0, seen: str | None = None) -> dict[str, Any]:
+    def _status(
+        self,
+        round_id: str,
+        wait: float = 0,
+        seen: str | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, Any]:
+        """The round's status; a long poll when `wait` > 0: the coordinator holds the request
+        up to `wait` seconds, so the request's time limit is that plus request_timeout_s."""
         params = {"wait": f"{wait:.1f}"} if seen is None else {"wait": f"{wait:.1f}", "seen": seen}
-        response = self._request("GET", f"/v1/rounds/{round_id}", params=params)
-        result: dict[str, Any] = response.json()
-        return result
+        response = self._request(
+            "GET",
+            f"/v1/rounds/{round_id}",
+            params=params,
+            timeout=wait + self._config.request_timeout_s,
+            deadline=deadline,
+        )
+        status = response.json("round status")
+        if status.get("stage") not in STAGES:
+            raise CoordinatorProtocolError(
+                f"the coordinator's round status names no known stage: {_clip(status.get('stage'))}"
+            )
+        return status
 
     def _model(self, version: int) -> dict[str, np.ndarray]:
-        model, _ = decode_tensors(self._request("GET", f"/v1/models/{version}").content)
+        content = self._request("GET", f"/v1/models/{version}").content
+        with _from_coordinator(f"model version {version}"):
+            model, _ = decode_tensors(content)
         return model
+
+    def _task(self, task_json: Mapping[str, Any], model: Mapping[str, np.ndarray]) -> RoundTask:
+        with _from_coordinator("task"):
+            return RoundTask.from_json(task_json, model)
 
     # ---- persistence and transport -----------------------------------------------------------
 
@@ -301,57 +429,201 @@ class FederationClient:
         saved = self._state.get(_CREDENTIAL)
         if saved is None:
             body = {"app_id": self._config.app_id, "enrolment_key": self._config.enrolment_key}
-            response = self._send("POST", "/v1/devices", json=body)
-            saved = json.dumps(response.json()).encode()
+            enrolled = self._send("POST", "/v1/devices", json=body).json("enrolment")
+            if _bearer(enrolled) is None:
+                raise CoordinatorProtocolError(
+                    "the coordinator's enrolment answer holds no usable device_id and token; "
+                    "nothing was saved"
+                )
+            saved = json.dumps(
+                {"device_id": enrolled["device_id"], "token": enrolled["token"]}
+            ).encode()
             self._state.put(_CREDENTIAL, saved)
-        credential = json.loads(saved)
-        return f"{credential['device_id']}.{credential['token']}"
+        try:
+            credential = json.loads(saved)
+        except ValueError:
+            credential = None
+        bearer = _bearer(credential)
+        if bearer is None:  # saved by an older version, or damaged
+            raise KeyUnavailableError(
+                "this device's saved federation credential is unreadable; "
+                "FederationClient.enrol() enrols it again"
+            )
+        return bearer
 
-    def _request(
-        self, method: str, path: str, *, octet: bool = False, **kwargs: Any
-    ) -> httpx.Response:
+    def _request(self, method: str, path: str, *, octet: bool = False, **kwargs: Any) -> _Reply:
         headers = {"Authorization": f"Bearer {self._credential()}"}
         if octet:
             headers["Content-Type"] = "application/octet-stream"
         return self._send(method, path, headers=headers, **kwargs)
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        **kwargs: Any,
+    ) -> _Reply:
+        """One request, retried on connection errors, 429 and 5xx with jittered back-off,
+        within `deadline` (time.monotonic) when one is given."""
         if not self._config.opt_in:
             raise UnsupportedError(
                 "federation is off for this app: nothing is sent until the app sets "
                 "FederationConfig(opt_in=True) with the user's consent"
             )
+        limit = self._config.request_timeout_s if timeout is None else timeout
         delay = self._config.backoff_s
         for attempt in range(self._config.retries + 1):
+            wait = delay * (0.5 + random.random())  # jitter spreads out retry storms
             try:
-                response = self._http.request(method, path, **kwargs)
+                reply = self._read(method, path, limit, **kwargs)
             except httpx.TransportError as exc:
+                _raise_if_certificate(exc)
                 problem = f"{type(exc).__name__}"
             else:
-                if response.status_code < 400:
-                    return response
-                if response.status_code not in (429, 500, 502, 503, 504):
-                    _raise_for(response)
-                problem = f"HTTP {response.status_code}"
-                retry_after = response.headers.get("Retry-After", "")
+                if reply.status_code < 400:
+                    return reply
+                if reply.status_code not in (429, 500, 502, 503, 504):
+                    _raise_for(reply)
+                problem = f"HTTP {reply.status_code}"
+                retry_after = reply.headers.get("Retry-After", "")
                 if retry_after.replace(".", "", 1).isdigit():
-                    delay = max(delay, float(retry_after))
+                    if float(retry_after) > self._config.max_backoff_s:
+                        raise CoordinatorUnavailableError(
+                            f"the coordinator asked this device to come back in "
+                            f"{float(retry_after):g} s ({problem}), later than max_backoff_s; "
+                            "call resume() later"
+                        )
+                    wait = max(wait, float(retry_after))  # never sooner than it asked
             if attempt == self._config.retries:
                 break
-            logger.debug("coordinator request failed (%s); retrying in %.2fs", problem, delay)
-            time.sleep(delay * (0.5 + random.random()))  # jitter spreads out retry storms
+            if deadline is not None and time.monotonic() + wait > deadline:
+                break
+            logger.debug("coordinator request failed (%s); retrying in %.2fs", problem, wait)
+            time.sleep(wait)
             delay = min(self._config.max_backoff_s, delay * 2)
         raise CoordinatorUnavailableError(
-            f"the coordinator kept failing ({problem}) after {self._config.retries} retries; "
-            "call resume() later"
+            f"the coordinator kept failing ({problem}) after {attempt} retries; call resume() later"
         )
 
+    def _read(self, method: str, path: str, limit: float, **kwargs: Any) -> _Reply:
+        """The whole answer, read within `limit` seconds and max_response_bytes: httpx's own
+        timeouts bound each read, not the request, so a server trickling bytes could hold the
+        device for as long as it liked."""
+        ends = time.monotonic() + limit
+        most = self._config.max_response_bytes
+        with self._http.stream(method, path, timeout=limit, **kwargs) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > most:
+                raise _too_large(most)
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > most:
+                    raise _too_large(most)
+                if time.monotonic() > ends:
+                    raise httpx.ReadTimeout(f"the answer took longer than {limit:g} s")
+                chunks.append(chunk)
+            return _Reply(response.status_code, response.headers, b"".join(chunks))
 
-def _raise_for(response: httpx.Response) -> None:
+
+@dataclasses.dataclass(frozen=True)
+class _Reply:
+    """An answer read whole (and bounded) by `_read`."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+
+    def json(self, what: str) -> dict[str, Any]:
+        """The body as a JSON object; CoordinatorProtocolError naming `what` otherwise."""
+        try:
+            body = json.loads(self.content)
+        except ValueError:  # UnicodeDecodeError included
+            raise CoordinatorProtocolError(f"the coordinator's {what} is not JSON") from None
+        if not isinstance(body, dict):
+            raise CoordinatorProtocolError(f"the coordinator's {what} is not a JSON object")
+        return body
+
+
+def _too_large(most: int) -> CoordinatorProtocolError:
+    return CoordinatorProtocolError(
+        f"the coordinator's answer is larger than max_response_bytes ({most}); refused unread. "
+        "Raise FederationConfig.max_response_bytes if its models really are this large"
+    )
+
+
+@contextlib.contextmanager
+def _from_coordinator(what: str) -> Iterator[None]:
+    """Turns what parsing a coordinator's answer can raise into CoordinatorProtocolError."""
     try:
-        detail = str(response.json().get("detail", response.text))
+        yield
+    except (InvalidInputError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise CoordinatorProtocolError(
+            f"the coordinator sent an unusable {what}: {_clip(e)}"
+        ) from None
+
+
+def _version(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
+        raise InvalidInputError(f"a model version must be an int >= 0, got {_clip(value)}")
+    return int(value)
+
+
+def _index(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(f"expected an int >= 0, got {_clip(value)}")
+    return value
+
+
+_CREDENTIAL_PART = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def _bearer(credential: object) -> str | None:
+    """`device_id.token` from an enrolment answer, or None unless both are plain tokens (an
+    HTTP header must not carry anything else)."""
+    if not isinstance(credential, dict):
+        return None
+    device_id, token = credential.get("device_id"), credential.get("token")
+    if not all(isinstance(v, str) and _CREDENTIAL_PART.fullmatch(v) for v in (device_id, token)):
+        return None
+    return f"{device_id}.{token}"
+
+
+def _clip(value: object, most: int = 200) -> str:
+    text = repr(value) if not isinstance(value, BaseException) else str(value)
+    return text if len(text) <= most else text[:most] + "…"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        detail = response.text[:200]
+        return False
+
+
+def _raise_if_certificate(exc: httpx.TransportError) -> None:
+    """A coordinator whose certificate does not verify is not retried: it is not an outage."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise CoordinatorUnavailableError(
+                f"the coordinator's TLS certificate did not verify ({cause.verify_message}); "
+                "if a private CA signed it, pass its PEM file as FederationConfig(verify_tls=...)"
+            ) from None
+        cause = cause.__cause__ or cause.__context__
+
+
+def _raise_for(response: _Reply) -> None:
+    try:
+        body = json.loads(response.content)
+        detail = _clip(body.get("detail") if isinstance(body, dict) else body)
+    except ValueError:
+        detail = _clip(response.content[:200].decode("utf-8", "replace"))
     status = response.status_code
     if status == 409:
         raise _StageClosedError

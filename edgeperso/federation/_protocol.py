@@ -53,6 +53,7 @@ class SecAggClient:
     threshold: int = 0
     peers: dict[int, tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)
     held: dict[int, tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)
+    revealed_for: tuple[int, ...] | None = None  # the one survivors list shares went out for
     _channel: dict[int, bytes] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -74,6 +75,16 @@ class SecAggClient:
             raise InvalidInputError(
                 f"{len(neighbours)} neighbours cannot hold a {threshold}-threshold secret"
             )
+        if 2 * threshold <= len(neighbours):
+            # Below a majority, the coordinator could gather t shares of this device's
+            # self-mask seed from some neighbours and t of its mask key from the others.
+            raise InvalidInputError(
+                f"a threshold of {threshold} for {len(neighbours)} neighbours is not a "
+                "majority; refusing to share secrets that a minority could reconstruct"
+            )
+        for c_pk, s_pk in neighbours.values():  # before anything is sealed or sent
+            _crypto.check_public_key(c_pk, "a neighbour's channel key")
+            _crypto.check_public_key(s_pk, "a neighbour's mask key")
         self.index, self.threshold, self.peers = index, threshold, dict(neighbours)
         xs = sorted(neighbours)
         s_shares = _secagg.shamir_split(self.s_sk, xs, threshold)
@@ -119,11 +130,28 @@ class SecAggClient:
     def reveal(self, survivors: Collection[int]) -> list[tuple[int, str, bytes]]:
         """(neighbour, "b" or "s", share): b shares of survivors, mask-key shares of the rest.
 
-        Never both kinds for one neighbour: that would hand the coordinator its input.
+        Never both kinds for one neighbour: that would hand the coordinator its input. So
+        shares go out for one survivors list only: asked again (a resumed device), the same
+        list gets the same answer and any other list is refused. Nothing is revealed when
+        fewer than `threshold` neighbours survive: the round cannot complete then.
         """
         alive = set(survivors)
         if self.index not in alive:
             raise InvalidInputError("this device is not among the survivors of its own round")
+        listed = tuple(sorted(alive))
+        if self.revealed_for is not None and listed != self.revealed_for:
+            raise IntegrityError(
+                "the coordinator sent another survivors list after this device revealed its "
+                "shares for a first one; refusing, since both answers together could unmask "
+                "a neighbour's input"
+            )
+        standing = len(alive & set(self.peers))
+        if standing < self.threshold:
+            raise InvalidInputError(
+                f"only {standing} of this device's neighbours survived, fewer than the "
+                f"threshold {self.threshold}: the round cannot complete; nothing revealed"
+            )
+        self.revealed_for = listed
         return [
             (v, "b", b_share) if v in alive else (v, "s", s_share)
             for v, (s_share, b_share) in sorted(self.held.items())
@@ -140,6 +168,7 @@ class SecAggClient:
             "threshold": self.threshold,
             "peers": {str(v): [b64(c), b64(s)] for v, (c, s) in self.peers.items()},
             "held": {str(v): [b64(s), b64(b)] for v, (s, b) in self.held.items()},
+            "revealed_for": None if self.revealed_for is None else list(self.revealed_for),
         }
         return json.dumps(state).encode()
 
@@ -147,6 +176,7 @@ class SecAggClient:
     def from_bytes(cls, data: bytes) -> SecAggClient:
         try:
             state = json.loads(data)
+            revealed = state.get("revealed_for")  # absent in states saved by older versions
             c_sk, c_pk, s_sk, s_pk, seed = (base64.b64decode(k) for k in state["keys"])
 
             def pairs(field: str) -> dict[int, tuple[bytes, bytes]]:
@@ -166,6 +196,7 @@ class SecAggClient:
                 int(state["threshold"]),
                 pairs("peers"),
                 pairs("held"),
+                None if revealed is None else tuple(int(v) for v in revealed),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"saved round state is unreadable ({type(exc).__name__})") from exc

@@ -8,6 +8,7 @@ clips on the device), weighted, and placed in the device's own persona block.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from edgeperso._errors import InvalidInputError
 from edgeperso.federation._layout import PersonaLayout, persona_key
+from edgeperso.federation._wire import expect_tensors
 
 CENTROIDS = "centroids"
 
@@ -35,24 +37,42 @@ class RoundTask:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], model: Mapping[str, np.ndarray]) -> RoundTask:
+        """The task the coordinator sent, checked: its numbers, and `model` against its
+        layout (names, shapes, float32, finite). InvalidInputError names what is wrong."""
         try:
             layout = PersonaLayout.from_json(data)
             cap = data.get("weight_cap")
-            return cls(
+            task = cls(
                 round_id=str(data["round_id"]),
                 model_version=int(data["model_version"]),
                 layout=layout,
                 clip_norm=float(data["clip_norm"]),
                 summary_clip=float(data["summary_clip"]),
                 weight_cap=None if cap is None else float(cap),
-                secure=bool(data["secure"]),
+                secure=_strict_bool(data["secure"]),
                 fixed_point_scale=float(data["fixed_point_scale"]),
                 model=dict(model),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             if isinstance(exc, InvalidInputError):
                 raise
-            raise InvalidInputError(f"the coordinator sent an invalid task ({exc})") from exc
+            raise InvalidInputError(f"the coordinator sent an invalid task ({exc!r})") from exc
+        bounds = {
+            "clip_norm": task.clip_norm,
+            "summary_clip": task.summary_clip,
+            "fixed_point_scale": task.fixed_point_scale,
+        }
+        for name, value in bounds.items():  # a negative clip norm would flip and grow updates
+            if not (math.isfinite(value) and value > 0):
+                raise InvalidInputError(f"the task's {name} must be finite and > 0, got {value}")
+        if task.weight_cap is not None and not (
+            math.isfinite(task.weight_cap) and task.weight_cap >= 1
+        ):
+            raise InvalidInputError(f"the task's weight_cap must be >= 1, got {task.weight_cap}")
+        if task.model_version < 0:
+            raise InvalidInputError("the task's model_version must be >= 0")
+        check_model(layout, task.model)
+        return task
 
     def persona_for(self, summary: np.ndarray) -> int:
         """The nearest persona centroid to the user's summary vector (chosen on the device)."""
@@ -61,6 +81,26 @@ class RoundTask:
     def params_for(self, persona: int) -> dict[str, np.ndarray]:
         """Global parameters and persona `persona`'s copy of the persona parameters."""
         return model_params(self.layout, self.model, persona)
+
+
+def check_model(layout: PersonaLayout, model: Mapping[str, np.ndarray]) -> None:
+    """InvalidInputError unless `model` holds exactly `layout`'s tensors: float32, the right
+    shapes, finite. The persona count is compared first, so that a layout claiming a huge
+    number of personas is refused before anything is sized by it."""
+    centroids = model.get(CENTROIDS)
+    if centroids is None or centroids.shape != (layout.num_personas, layout.summary_dim):
+        found = "missing" if centroids is None else f"of shape {list(centroids.shape)}"
+        raise InvalidInputError(
+            f"the model's {CENTROIDS!r} tensor is {found}; its layout says "
+            f"{layout.num_personas} personas of {layout.summary_dim} numbers"
+        )
+    expect_tensors(model, layout.model_tensors())
+
+
+def _strict_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"the task's secure flag must be true or false, got {value!r}")
+    return value
 
 
 def nearest_persona(centroids: np.ndarray, summary: np.ndarray) -> int:

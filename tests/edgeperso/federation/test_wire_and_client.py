@@ -185,7 +185,7 @@ def test_a_device_the_coordinator_no_longer_knows_enrols_again_when_the_app_asks
         problem = {"error": "unauthenticated", "detail": "unknown device credential; enrol again"}
         return httpx.Response(401, json=problem)
 
-    config = FederationConfig("http://coordinator", "app", "key", opt_in=True)
+    config = FederationConfig("https://coordinator", "app", "key", opt_in=True)
     transport = httpx.MockTransport(answer)
     with FederationClient(config, MemoryStateStore(), transport=transport) as client:
         with pytest.raises(KeyUnavailableError, match=r"FederationClient\.enrol\(\)"):
