@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from edgeperso._cpu import check_quantization
-from edgeperso._errors import CancelledError, InvalidInputError, LockedError, UnsupportedError
+from edgeperso._errors import (
+    CancelledError,
+    EdgePersoError,
+    InvalidInputError,
+    LockedError,
+    UnsupportedError,
+)
 from edgeperso.bundle import INFER_GRAPH, Bundle, Manifest
 from edgeperso.runtime import _params, _shared
 from edgeperso.runtime._head import fit_logistic, fit_ridge, knn_mix, unit_rows
@@ -419,14 +426,19 @@ class Personalizer:
             if token == self._shared_token:
                 return self._shared_now, token
         installed = self.store.get_blob(SHARED_USER, "shared") if token is not None else None
+        shared = self._shared_from(installed)
+        with self._served_lock:
+            self._shared_now, self._shared_token = shared, token
+        return shared, token
+
+    def _shared_from(self, installed: bytes | None) -> Params:
+        """The bundle's shared parameters, updated by the stored ones where they fit."""
         shared = dict(self._shared_defaults)
         if installed is not None:
             params = self._unstamp(installed, "the installed persona/global parameters")
             if params is not None and self._fits_shared(params):
                 shared |= params
-        with self._served_lock:
-            self._shared_now, self._shared_token = shared, token
-        return shared, token
+        return shared
 
     def _fits_shared(self, params: Params) -> bool:
         """Whether stored shared parameters (unstamped ones, written before stamps existed,
@@ -456,8 +468,15 @@ class Personalizer:
                 f"not persona/global parameters of this bundle: {sorted(unknown)}"
             )
         _params.check_params(specs, params)
-        updated = self._shared | {k: np.array(v, np.float32) for k, v in params.items()}
-        self.store.put_blob(SHARED_USER, "shared", self._stamp(updated), keep=2)
+        new = {k: np.array(v, np.float32) for k, v in params.items()}
+        # Merged into what is stored in the same write transaction: two installs at once (in
+        # two processes) each keep the other's parameters.
+        self.store.update_blob(
+            SHARED_USER,
+            "shared",
+            lambda installed: self._stamp(self._shared_from(installed) | new),
+            keep=2,
+        )
         self._shared_state()  # takes them in (users' cached feeds follow the token)
 
     def shared_update(self, user: str, names: Sequence[str], *, l2: float = 1.0) -> SharedUpdate:
@@ -585,12 +604,22 @@ class Personalizer:
                 f"this {self.manifest.task} bundle has no training graph; export it again "
                 "with this version of edgeperso-export to train on device"
             )
-        with self.store.lock_user(user):
 
-            def stop() -> bool:  # the caller's cancel, or a forget() of this user
-                return user in self._forgetting or (cancel is not None and bool(cancel()))
+        def stop() -> bool:  # the caller's cancel, or a forget() of this user
+            return user in self._forgetting or (cancel is not None and bool(cancel()))
 
+        lock = self.store.lock_user(user)
+        try:
             result = self._train_locked(user, config, on_progress, stop)
+        except BaseException:
+            with contextlib.suppress(EdgePersoError):  # the original error is the one to see
+                if self.store.user_version(user) is None:
+                    # No data of this user's in the store (never added, or forgotten just
+                    # now): the lock file must not be left to say this user trained here.
+                    lock.remove()
+            raise
+        finally:
+            lock.release()
         if user in self._forgetting:  # what it wrote is being shredded now
             raise CancelledError("train() was cancelled by a forget() of the same user")
         return result

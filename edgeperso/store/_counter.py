@@ -103,11 +103,23 @@ class _Sidecar(Counter):
 
     def read(self, key: bytes, store_id: bytes) -> int | None:
         try:
-            data = self._path.read_bytes()
+            fd = os.open(self._path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StorageError(f"cannot read the rollback counter ({exc.strerror})") from None
+        try:
+            if fcntl is not None:  # never halfway through another process's advance()
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            data = os.pread(fd, 2 * _SLOT, 0)
+        except OSError as exc:
+            raise StorageError(f"cannot read the rollback counter ({exc.strerror})") from None
+        finally:
+            os.close(fd)
+        if not data:
+            # Created by an advance() that stopped before its first write: nothing was
+            # recorded, exactly as when the file is missing.
+            return None
         values = [_parse(key, store_id, data[i : i + _SLOT]) for i in (0, _SLOT)]
         valid = [v for v in values if v is not None]
         if not valid:

@@ -15,9 +15,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -60,6 +61,7 @@ __all__ = ["Store", "StoreConfig"]
 logger = logging.getLogger(__name__)
 
 _MAX_BLOB = 256 << 20
+_LOCK_NAME = re.compile(r"[0-9a-f]{32}")  # a user lock file: its pseudonym's first 16 bytes
 _MANIFEST_AD_FIELD = "manifest"
 
 # SQLite primary result codes (sqlite3.h) that say "retry later" or "the disk refused".
@@ -108,6 +110,19 @@ def _sqlite_error(exc: Exception) -> EdgePersoError:
         f"the database file is damaged or is not an EdgePerso store ({name}); "
         "restore it from a backup"
     )
+
+
+def _check_blob(data: object) -> bytes:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise InvalidInputError("blob data must be bytes")
+    if len(data) > _MAX_BLOB:
+        raise InvalidInputError(f"a blob is at most {_MAX_BLOB >> 20} MiB")
+    return bytes(data)
+
+
+def _check_keep(keep: object) -> None:
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise InvalidInputError("keep must be a positive int or None")
 
 
 def _blob(value: object) -> bytes:
@@ -226,8 +241,15 @@ class _Txn:
 
     def _load_state(self) -> tuple[int, int]:
         rows = dict(
-            self.conn.execute("SELECT k, v FROM meta WHERE k IN ('counter', 'tag', 'digest')")
+            self.conn.execute(
+                "SELECT k, v FROM meta WHERE k IN ('counter', 'tag', 'digest', 'secret')"
+            )
         )
+        if rows.get("secret") != self._s._wrapped_secret:
+            raise WrongKeyError(
+                "the store's key changed after this process opened it (rotate_kek in another "
+                "process, or the file was replaced); open the store again with the new key"
+            )
         counter, digest, tag = rows.get("counter"), rows.get("digest"), rows.get("tag")
         if (
             not isinstance(counter, int)
@@ -419,6 +441,7 @@ class Store:
         kek: bytes,
         kek_params: Mapping[str, Any],
         secret: bytes,
+        wrapped_secret: bytes,
     ) -> None:
         self._conn = conn
         self._path = path
@@ -426,6 +449,10 @@ class Store:
         self._store_id = store_id
         self._kek = kek
         self._kek_params = dict(kek_params)
+        # The store secret as wrapped under self._kek: every transaction compares it with the
+        # file's, so that after a rotate_kek by another process this one stops at once
+        # instead of failing to unwrap data keys, or wrapping new ones under a retired KEK.
+        self._wrapped_secret = wrapped_secret
         self._pseudonym_key = _crypto.subkey(secret, b"edgeperso.store pseudonyms")
         self._digest_key = _crypto.subkey(secret, b"edgeperso.store digests")
         self._counter_key = _crypto.subkey(secret, b"edgeperso.store counter")
@@ -509,9 +536,11 @@ class Store:
         if not isinstance(params, dict):
             raise TamperedError("the store's key header is damaged")
         kek = key.kek(params)
-        secret = _crypto.unwrap_key(kek, _blob(meta.get("secret")), _secret_ad(store_id))
-        store = cls(conn, path, config, store_id, kek, params, secret)
+        wrapped = _blob(meta.get("secret"))
+        secret = _crypto.unwrap_key(kek, wrapped, _secret_ad(store_id))
+        store = cls(conn, path, config, store_id, kek, params, secret, wrapped)
         store._check_rollback()
+        store._remove_orphan_locks()
         retired = meta.get("kek_retired")
         if retired is not None:
             store._retire(retired)
@@ -841,31 +870,55 @@ class Store:
         """
         user = check_user(user)
         name = _check_name(name, "blob name")
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise InvalidInputError("blob data must be bytes")
-        if len(data) > _MAX_BLOB:
-            raise InvalidInputError(f"a blob is at most {_MAX_BLOB >> 20} MiB")
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-            raise InvalidInputError("keep must be a positive int or None")
-        payload = bytes(data)
+        payload = _check_blob(data)
+        _check_keep(keep)
         with self._txn(write=True) as txn:
             found = txn.user(user, create=True)
             assert found is not None
-            txn.reserve(found, 1)
-            tag = self._tag(b"blob", found.uid, name)
-            entry = found.blobs.setdefault(tag.hex(), {"name": name, "next": 1, "versions": []})
-            version = int(entry["next"])
-            entry["next"] = version + 1
-            body = txn.seal(found, "blobs", _rec([tag, version]), payload)
-            txn.conn.execute(
-                "INSERT INTO blobs (uid, name, version, body) VALUES (?, ?, ?, ?)",
-                (found.uid, tag, version, body),
-            )
-            entry["versions"].append(version)
-            if keep is not None:
-                for old in entry["versions"][:-keep]:
-                    self._drop_blob(txn, found, tag, old)
-                entry["versions"] = entry["versions"][-keep:]
+            return self._write_blob(txn, found, name, payload, keep)
+
+    def update_blob(
+        self,
+        user: str,
+        name: str,
+        update: Callable[[bytes | None], bytes],
+        *,
+        keep: int | None = None,
+    ) -> int:
+        """Read the newest version of a blob and store `update(newest)` (None when there is
+        none) as the next, in one write transaction: no other writer, in this process or
+        another, comes in between. `update` runs inside that transaction and must not call
+        the store. Returns the new version."""
+        user = check_user(user)
+        name = _check_name(name, "blob name")
+        if not callable(update):
+            raise InvalidInputError("update must be a function of the newest blob (or None)")
+        _check_keep(keep)
+        with self._txn(write=True) as txn:
+            txn.verify_users()
+            found = txn.user(user, create=True)
+            assert found is not None
+            payload = _check_blob(update(self._read_blob(txn, found, name, None)))
+            return self._write_blob(txn, found, name, payload, keep)
+
+    def _write_blob(
+        self, txn: _Txn, found: _User, name: str, payload: bytes, keep: int | None
+    ) -> int:
+        txn.reserve(found, 1)
+        tag = self._tag(b"blob", found.uid, name)
+        entry = found.blobs.setdefault(tag.hex(), {"name": name, "next": 1, "versions": []})
+        version = int(entry["next"])
+        entry["next"] = version + 1
+        body = txn.seal(found, "blobs", _rec([tag, version]), payload)
+        txn.conn.execute(
+            "INSERT INTO blobs (uid, name, version, body) VALUES (?, ?, ?, ?)",
+            (found.uid, tag, version, body),
+        )
+        entry["versions"].append(version)
+        if keep is not None:
+            for old in entry["versions"][:-keep]:
+                self._drop_blob(txn, found, tag, old)
+            entry["versions"] = entry["versions"][-keep:]
         return version
 
     def get_blob(self, user: str, name: str, version: int | None = None) -> bytes | None:
@@ -877,22 +930,23 @@ class Store:
             found = txn.user(user, create=False)
             if found is None:
                 return None
-            tag = self._tag(b"blob", found.uid, name)
-            versions = found.blobs.get(tag.hex(), {}).get("versions", [])
-            if version is None and versions:
-                version = versions[-1]
-            if version not in versions:
-                return None
-            row = txn.conn.execute(
-                "SELECT body FROM blobs WHERE uid = ? AND name = ? AND version = ?",
-                (found.uid, tag, version),
-            ).fetchone()
-            if row is None:
-                raise TamperedError("a blob listed in the user's manifest is missing")
-            assert version is not None
-            return found.key.open(
-                _blob(row[0]), ad("blobs", found.uid, _rec([tag, version]), "body")
-            )
+            return self._read_blob(txn, found, name, version)
+
+    def _read_blob(self, txn: _Txn, found: _User, name: str, version: int | None) -> bytes | None:
+        tag = self._tag(b"blob", found.uid, name)
+        versions = found.blobs.get(tag.hex(), {}).get("versions", [])
+        if version is None and versions:
+            version = versions[-1]
+        if version not in versions:
+            return None
+        row = txn.conn.execute(
+            "SELECT body FROM blobs WHERE uid = ? AND name = ? AND version = ?",
+            (found.uid, tag, version),
+        ).fetchone()
+        if row is None:
+            raise TamperedError("a blob listed in the user's manifest is missing")
+        assert version is not None
+        return found.key.open(_blob(row[0]), ad("blobs", found.uid, _rec([tag, version]), "body"))
 
     def blobs(self, user: str) -> dict[str, list[int]]:
         """The user's blob names and their stored versions (oldest first)."""
@@ -1016,12 +1070,12 @@ class Store:
         kek, params = new_key.new_kek()
         old_params = self._kek_params
         with self._txn(write=True) as txn:
-            _rewrap(txn.conn, self._store_id, self._kek, kek, params)
+            wrapped = _rewrap(txn.conn, self._store_id, self._kek, kek, params)
             txn.conn.execute(
                 "INSERT OR REPLACE INTO meta (k, v) VALUES ('kek_retired', ?)",
                 (json.dumps(old_params).encode(),),
             )
-            self._kek, self._kek_params = kek, dict(params)
+            self._kek, self._kek_params, self._wrapped_secret = kek, dict(params), wrapped
         self._user_keys.clear()
         self._retire(json.dumps(old_params).encode())
 
@@ -1122,13 +1176,35 @@ class Store:
                 for table in _schema.TABLES:
                     txn.rows(found, table)
 
+    def _locks_folder(self) -> Path:
+        return self._path.with_name(self._path.name + ".locks")
+
+    def _remove_orphan_locks(self) -> None:
+        """Remove the lock files of users with no data that nobody holds: left by a process
+        killed between a forget's shred and its removal of the user's lock file, which would
+        otherwise go on saying that this user trained here."""
+        try:
+            names = {n for n in os.listdir(self._locks_folder()) if _LOCK_NAME.fullmatch(n)}
+        except OSError:  # no folder yet, or unreadable: nothing to clean
+            return
+        if not names:
+            return
+        with self._txn(write=False) as txn:
+            known = {_blob(uid).hex()[:32] for (uid,) in txn.conn.execute("SELECT uid FROM users")}
+        for name in sorted(names - known):
+            try:
+                lock = UserLock(self._locks_folder() / name)
+            except (LockedError, StorageError, UnsupportedError):  # held by a trainer now
+                continue
+            lock.remove()
+
     def lock_user(self, user: str) -> UserLock:
         """Take this user's cross-process advisory lock, or raise LockedError if held.
 
         Use it as a context manager: ``with store.lock_user(uid): train(...)``.
         """
         uid = self._pseudonym(check_user(user))
-        return UserLock(self._path.with_name(self._path.name + ".locks") / f"{uid.hex()[:32]}")
+        return UserLock(self._locks_folder() / f"{uid.hex()[:32]}")
 
     def close(self) -> None:
         with self._mutex:
@@ -1183,15 +1259,15 @@ def _rewrap(
     old_kek: bytes,
     new_kek: bytes,
     params: Mapping[str, Any],
-) -> None:
+) -> bytes:
+    """Re-wrap the store secret and every user's data key under `new_kek`; returns the
+    newly wrapped secret."""
     (wrapped,) = conn.execute("SELECT v FROM meta WHERE k = 'secret'").fetchone()
     secret = _crypto.unwrap_key(old_kek, _blob(wrapped), _secret_ad(store_id))
+    rewrapped = _crypto.wrap_key(new_kek, secret, _secret_ad(store_id))
     conn.executemany(
         "UPDATE meta SET v = ? WHERE k = ?",
-        [
-            (_crypto.wrap_key(new_kek, secret, _secret_ad(store_id)), "secret"),
-            (json.dumps(dict(params)).encode(), "kek"),
-        ],
+        [(rewrapped, "secret"), (json.dumps(dict(params)).encode(), "kek")],
     )
     updates = []
     for uid, user_wrapped in conn.execute("SELECT uid, wrapped_key FROM users").fetchall():
@@ -1202,6 +1278,7 @@ def _rewrap(
             raise TamperedError("a user's data key failed authentication") from None
         updates.append((_crypto.wrap_key(new_kek, key, key_ad), uid))
     conn.executemany("UPDATE users SET wrapped_key = ? WHERE uid = ?", updates)
+    return rewrapped
 
 
 def _create(path: Path, key: KeyProvider, config: StoreConfig) -> None:

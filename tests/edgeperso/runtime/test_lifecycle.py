@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -85,6 +86,40 @@ def test_forget_during_train_cancels_it_and_nothing_of_the_user_comes_back(
     assert store.users() == []  # the trainer wrote nothing after the shred
     assert classifier.predict("alice", PROBES[:1])[0].personalized is False
     assert list((store.path.parent / f"{store.path.name}.locks").iterdir()) == []
+
+
+def test_training_a_user_with_no_data_leaves_no_lock_file(
+    classifier: Personalizer, store: Store
+) -> None:
+    """A background trainer that runs right after a forget(), or for an id that never had
+    data: the error, and no file saying that this user trained here."""
+    with pytest.raises(InvalidInputError):
+        classifier.train("nobody")
+    assert list((store.path.parent / f"{store.path.name}.locks").iterdir()) == []
+
+
+def test_a_lock_file_left_by_a_killed_forget_is_removed_at_the_next_open(
+    classifier: Personalizer, store: Store, key: RawKey
+) -> None:
+    classifier.add_examples("alice", topic_examples(3))
+    classifier.add_examples("bob", topic_examples(3))
+    locks = store.path.parent / f"{store.path.name}.locks"
+
+    def lock_file(user: str) -> str:
+        before = set(os.listdir(locks)) if locks.exists() else set()
+        store.lock_user(user).release()
+        (name,) = set(os.listdir(locks)) - before
+        return name
+
+    names = {user: lock_file(user) for user in ("alice", "bob", "carol")}
+    held = store.lock_user("carol")  # carol's trainer is running, before her data is stored
+    store.forget_user("alice")  # the shred committed; the process died before the file went
+    try:
+        Store.open(store.path, key).close()
+        # alice's is gone; bob's (a user with data) and carol's (held) stay
+        assert set(os.listdir(locks)) == {names["bob"], names["carol"]}
+    finally:
+        held.release()
 
 
 def test_forget_while_missing_embeddings_are_filled_in_leaves_nothing_behind(
@@ -258,6 +293,46 @@ def test_a_serving_state_composed_before_an_install_is_not_served_after_it(
     expected = Personalizer.open(tiny_bundles["classification"], store).predict("alice", PROBES)
     assert [p.label for p in served] == [p.label for p in expected] == ["b", "b"]
     assert [p.probabilities for p in served] == [p.probabilities for p in expected]
+
+
+def test_two_installs_at_once_on_one_store_file_keep_each_others_parameters(
+    tiny_bundles: dict[str, Path], store: Store, key: RawKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One handle's install is held inside its write transaction, after it has read what is
+    stored; the other handle's install meanwhile must wait for it, not merge into a copy
+    read before it and overwrite it."""
+    bundle = tiny_bundles["classification"]
+    first = Personalizer.open(bundle, store)
+    inside, resume = threading.Event(), threading.Event()
+    update_blob = store.update_blob
+
+    def held_update_blob(user: str, name: str, update: Any, **options: Any) -> int:
+        def held(installed: bytes | None) -> bytes:
+            inside.set()
+            assert resume.wait(30)
+            return bytes(update(installed))
+
+        return update_blob(user, name, held, **options)
+
+    monkeypatch.setattr(store, "update_blob", held_update_blob)
+    bias = np.array([4.0, -4.0, 0.0], np.float32)
+    persona = np.array([0.5, 0.0, -0.5], np.float32)
+    with Store.open(store.path, key) as other_handle:
+        second = Personalizer.open(bundle, other_handle)
+        one = threading.Thread(target=first.install_shared, args=({"global.head.b": bias},))
+        one.start()
+        assert inside.wait(30)
+        two = threading.Thread(target=second.install_shared, args=({"persona.bias": persona},))
+        two.start()
+        two.join(0.5)
+        assert two.is_alive()  # waiting for the first install's transaction
+        resume.set()
+        one.join(30)
+        two.join(30)
+        assert not one.is_alive() and not two.is_alive()
+    stored = Personalizer.open(bundle, store).shared_params()
+    np.testing.assert_array_equal(stored["global.head.b"], bias)
+    np.testing.assert_array_equal(stored["persona.bias"], persona)
 
 
 # ---- an app update that ships another bundle -------------------------------------------------

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,33 @@ def test_opening_while_other_processes_write_is_never_taken_for_a_rollback(
     assert [w.wait(timeout=60) for w in writers] == [0, 0]
     with Store.open(store_path, key) as store:
         assert len(store.examples("alice")) == 300
+
+
+def test_an_open_waits_for_a_counter_write_in_progress_and_an_empty_counter_is_no_record(
+    store_path: Path, key: RawKey
+) -> None:
+    """A process that opens a new store creates its rollback counter file and fills it under
+    an exclusive lock; another process opening the store at that moment read the empty file
+    as a damaged counter (RollbackError on a legitimate store)."""
+    Store.open(store_path, key).close()
+    counter = Path(f"{store_path}.counter")
+    fd = os.open(counter, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a writer between creating the file and writing it
+        opened: list[object] = []
+        opening = threading.Thread(target=lambda: opened.append(Store.open(store_path, key)))
+        opening.start()
+        opening.join(0.5)
+        assert opening.is_alive()  # waits for the writer instead of reading half a record
+    finally:
+        os.close(fd)  # releases the lock
+    opening.join(30)
+    assert len(opened) == 1
+    opened[0].close()  # type: ignore[attr-defined]
+    counter.write_bytes(b"")  # a writer killed before its first write: nothing recorded
+    with Store.open(store_path, key) as store:
+        store.add_examples("alice", [Example("hi")])
+    assert len(counter.read_bytes()) > 0
 
 
 def test_a_held_write_transaction_is_a_locked_error(store_path: Path, key: RawKey) -> None:

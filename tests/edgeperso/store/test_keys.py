@@ -107,6 +107,31 @@ def test_rotate_kek_rewraps_and_the_old_key_stops_working(
         assert [e.text for e in store.examples("alice")] == ["hi"]
 
 
+def test_a_store_open_elsewhere_stops_after_a_rotate_kek_and_loses_nothing(
+    store_path: Path, key: RawKey, fast_passphrase: PassphraseKey
+) -> None:
+    """Two handles on one file (an app's UI and its background trainer): after one rotates
+    the KEK, the other's old KEK must neither fail as tampering nor wrap a new user's data
+    key, which nobody could open afterwards."""
+    with Store.open(store_path, key) as ui, Store.open(store_path, key) as trainer:
+        ui.add_examples("alice", [Example("hi")])
+        assert [e.text for e in trainer.examples("alice")] == ["hi"]
+        ui.rotate_kek(fast_passphrase)
+        for call in (
+            lambda: trainer.examples("alice"),
+            lambda: trainer.add_examples("carol", [Example("new user")]),
+            lambda: trainer.add_examples("alice", [Example("more")]),
+            trainer.users,
+        ):
+            with pytest.raises(WrongKeyError, match="open the store again"):
+                call()
+        ui.add_examples("bob", [Example("after")])  # the rotating handle goes on
+    with Store.open(store_path, fast_passphrase) as store:
+        assert store.users() == ["alice", "bob"]
+        assert [e.text for e in store.examples("alice")] == ["hi"]
+        store.integrity_check()
+
+
 def test_rollback_counter_can_live_in_the_keystore(
     store_path: Path, key: RawKey, file_keyring: FileKeyring
 ) -> None:

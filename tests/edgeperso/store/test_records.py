@@ -103,6 +103,33 @@ def test_blobs_are_versioned(store: Store) -> None:
     assert store.get_blob("alice", "adapter") == b"two"
 
 
+def test_update_blob_stores_a_function_of_the_newest_version(store: Store) -> None:
+    seen: list[bytes | None] = []
+
+    def append(newest: bytes | None) -> bytes:
+        seen.append(newest)
+        return (newest or b"") + b"+"
+
+    assert store.update_blob("alice", "log", append) == 1
+    assert store.update_blob("alice", "log", append, keep=1) == 2
+    assert seen == [None, b"+"]
+    assert store.get_blob("alice", "log") == b"++" and store.blobs("alice") == {"log": [2]}
+
+
+@pytest.mark.parametrize(
+    "update",
+    [lambda newest: "text", lambda newest: None, lambda newest: 1 / 0],
+    ids=["str", "none", "raises"],
+)
+def test_a_failing_update_blob_writes_nothing(store: Store, update: object) -> None:
+    store.put_blob("alice", "log", b"kept")
+    with pytest.raises((InvalidInputError, ZeroDivisionError)):
+        store.update_blob("alice", "log", update)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="update must be a function"):
+        store.update_blob("alice", "log", b"not callable")  # type: ignore[arg-type]
+    assert store.blobs("alice") == {"log": [1]} and store.get_blob("alice", "log") == b"kept"
+
+
 def test_state_holds_json_values(store: Store) -> None:
     store.set_state("alice", "round", {"id": 3, "eps": 0.5})
     store.set_state("alice", "round", {"id": 4, "eps": 0.75})
