@@ -163,7 +163,12 @@ def _simulate() -> Run:
     start = time.perf_counter()
     error: BaseException | None = None
     try:
-        run_simulation(server, client_app(train), num_supernodes=NODES, backend_config=backend)
+        run_simulation(
+            server,
+            client_app(train, allow_plain_rounds=True),
+            num_supernodes=NODES,
+            backend_config=backend,
+        )
     except BudgetExhaustedError as exc:
         error = exc
     wall_s = time.perf_counter() - start
@@ -384,6 +389,30 @@ def test_a_plain_update_with_a_weight_no_device_gives_is_refused_as_by_the_coord
     evil[start + LAYOUT.block_size - 1] = 1e-45
     with pytest.raises(InvalidInputError, match="weight"):
         rounds.check_plain(evil)
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_the_client_app_answers_plain_rounds_only_when_the_app_allows_them(
+    allowed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ClientApp called as a SuperNode calls it, with an empty plain-round message: the
+    default refuses before reading it; allowed, it goes on to read the (missing) task."""
+    from edgeperso_federated.flower._records import PLAIN_TRAIN
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from edgeperso import UnsupportedError
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # what a SuperNode's process sets
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    trained: list[RoundTask] = []
+    app = client_app(lambda task, context: trained.append(task), allow_plain_rounds=allowed)
+    message = Message(RecordDict(), dst_node_id=1, message_type=PLAIN_TRAIN)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    expected = KeyError if allowed else UnsupportedError
+    with pytest.raises(expected):
+        app(message, context)
+    assert trained == []
 
 
 def test_the_device_package_never_imports_flower() -> None:

@@ -26,7 +26,7 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat
 
-from edgeperso import InvalidInputError
+from edgeperso import InvalidInputError, UnsupportedError
 from edgeperso.federation import RoundTask
 from edgeperso.federation._update import build_contribution
 from edgeperso_federated.flower._records import (
@@ -53,9 +53,14 @@ class LocalUpdate:
 Train = Callable[[RoundTask, Context], LocalUpdate]
 
 
-def client_app(train: Train) -> ClientApp:
+def client_app(train: Train, *, allow_plain_rounds: bool = False) -> ClientApp:
     """A ClientApp for both kinds of round: SecAgg+ ("train", under Flower's secaggplus_mod)
-    and plain ("train.plain"). An exception in `train` is this device dropping out."""
+    and plain ("train.plain"). An exception in `train` is this device dropping out.
+
+    A plain round sends the device's update (and its user summary) unmasked: the device
+    takes part only with `allow_plain_rounds=True`, as `FederationConfig` has it."""
+    if not isinstance(allow_plain_rounds, bool):
+        raise InvalidInputError("allow_plain_rounds must be True or False")
     app = ClientApp()
     # Without the optional Flower extra, mypy sees untyped decorators.
 
@@ -71,6 +76,12 @@ def client_app(train: Train) -> ClientApp:
 
     @app.train(PLAIN_ACTION)  # type: ignore[untyped-decorator, unused-ignore]
     def plain(msg: Message, context: Context) -> Message:
+        if not allow_plain_rounds:  # Flower reports the exception as this node's failure
+            raise UnsupportedError(
+                "this device takes part in secure rounds only: its update would reach the "
+                "server unmasked; build the ClientApp with client_app(train, "
+                "allow_plain_rounds=True) to take part in plain rounds"
+            )
         values = dict(msg.content.config_records[TASK])
         arrays = msg.content.array_records[MODEL]
         model = {name: array.numpy() for name, array in arrays.items()}
