@@ -8,6 +8,7 @@ generator that expands a 32-byte seed into a mask over the ring Z_2^32.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import TypeVar
@@ -41,6 +42,13 @@ def generate_keypair() -> tuple[bytes, bytes]:
     return raw, public
 
 
+@functools.cache
+def _probe_key() -> X25519PrivateKey:
+    """One throw-away key per process for check_public_key: any clamped key tells the
+    low-order points apart, and generating one per check doubled its cost."""
+    return X25519PrivateKey.generate()
+
+
 def check_public_key(public: bytes, what: str = "public key") -> None:
     """InvalidInputError unless `public` is a usable X25519 public key: 32 bytes and not one of
     the low-order points, with which every key agreement gives the same all-zero secret.
@@ -50,7 +58,7 @@ def check_public_key(public: bytes, what: str = "public key") -> None:
     if len(public) != KEY_BYTES:
         raise InvalidInputError(f"{what} must be a {KEY_BYTES}-byte X25519 key")
     try:
-        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+        _probe_key().exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError as exc:
         raise InvalidInputError(
             f"{what} is a low-order X25519 point, which makes every key agreement public; "
