@@ -82,8 +82,9 @@ class SecAggClient:
                 f"a threshold of {threshold} for {len(neighbours)} neighbours is not a "
                 "majority; refusing to share secrets that a minority could reconstruct"
             )
-        for c_pk, s_pk in neighbours.values():  # before anything is sealed or sent
-            _crypto.check_public_key(c_pk, "a neighbour's channel key")
+        # The mask keys are used only at masked_input, after the shares went out: check them
+        # now. (The channel keys are: _channels() below refuses a low-order one.)
+        for _, s_pk in neighbours.values():
             _crypto.check_public_key(s_pk, "a neighbour's mask key")
         self.index, self.threshold, self.peers = index, threshold, dict(neighbours)
         xs = sorted(neighbours)

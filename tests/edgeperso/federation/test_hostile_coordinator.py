@@ -548,14 +548,15 @@ def test_secagg_refuses_a_threshold_that_is_not_a_majority_of_the_neighbours(
         )
 
 
-def test_a_low_order_mask_key_is_refused_before_any_share_is_sent(
-    coordinator: Coordinator,
+@pytest.mark.parametrize("field", ["c_pk", "s_pk"])
+def test_a_low_order_neighbour_key_is_refused_before_any_share_is_sent(
+    coordinator: Coordinator, field: str
 ) -> None:
     secure = SecureRound(coordinator)
     listed = secure.neighbours()
-    listed["neighbours"][0]["s_pk"] = b64(bytes(32))  # the all-zero point
+    listed["neighbours"][0][field] = b64(bytes(32))  # the all-zero point
     coordinator.answers["GET /neighbours"] = httpx.Response(200, json=listed)
-    with coordinator.client() as client, pytest.raises(CoordinatorProtocolError, match="mask key"):
+    with coordinator.client() as client, pytest.raises(CoordinatorProtocolError, match="low"):
         contribute(client)
     assert not any(route == "POST /shares" for route, _ in coordinator.sent)
 
