@@ -49,6 +49,7 @@ from edgeperso.federation._wire import decode_tensors, encode_tensors
 logger = logging.getLogger(__name__)
 
 _CREDENTIAL = "federation.credential"
+_MIN_RATE = 32 << 10  # bytes/s: a slower answer past request_timeout_s is given up
 _ROUND = "federation.round"
 STAGES = ("join", "share_keys", "masked_input", "unmasking", "upload", "published", "aborted")
 _FINAL = ("published", "aborted")
@@ -193,12 +194,7 @@ class FederationClient:
         unless `FederationConfig(allow_plain_rounds=True)`, before anything is sent."""
         if not isinstance(task, RoundTask):
             raise InvalidInputError("task must be the RoundTask that check_in() returned")
-        if not task.secure and not self._config.allow_plain_rounds:
-            raise UnsupportedError(
-                f"round {task.round_id} is not secure: this device's update would reach the "
-                "coordinator unmasked. Set FederationConfig(allow_plain_rounds=True) to take "
-                "part in plain rounds"
-            )
+        self._check_secure(task)
         if not isinstance(timeout_s, int | float) or not timeout_s > 0:
             raise InvalidInputError("timeout_s must be a number > 0")
         vector, persona = build_contribution(task, before, after, summary, num_examples)
@@ -225,7 +221,16 @@ class FederationClient:
         tensors, meta = decode_tensors(saved)
         record = json.loads(meta["record"])
         task = self._task(record["task"], self._model(int(record["model_version"])))
+        self._check_secure(task)  # a round saved before the app withdrew its allowance
         return self._run(record, tensors["payload"], task, timeout_s)
+
+    def _check_secure(self, task: RoundTask) -> None:
+        if not task.secure and not self._config.allow_plain_rounds:
+            raise UnsupportedError(
+                f"round {task.round_id} is not secure: this device's update would reach the "
+                "coordinator unmasked. Set FederationConfig(allow_plain_rounds=True) to take "
+                "part in plain rounds"
+            )
 
     def enrol(self) -> None:
         """Enrol this device again with `FederationConfig.enrolment_key`, replacing its saved
@@ -349,6 +354,18 @@ class FederationClient:
                 )
                 with _from_coordinator("survivors list"):
                     survivors = [_index(v) for v in listed["survivors"]]
+                standing = len(set(survivors) & set(secagg.peers))
+                if secagg.index in survivors and standing < secagg.threshold:
+                    # Too many neighbours dropped: the round cannot complete, and revealing
+                    # would only hand out shares. This device leaves the round.
+                    logger.info(
+                        "round %s: %d neighbours survived, fewer than %d",
+                        rid,
+                        standing,
+                        secagg.threshold,
+                    )
+                    raise _StageClosedError
+                with _from_coordinator("survivors list"):
                     revealed = secagg.reveal(survivors)
                 # Saved before it is sent: a resumed device sends these same shares again,
                 # never the other kind for a neighbour (secagg also refuses a second list).
@@ -479,6 +496,10 @@ class FederationClient:
             wait = delay * (0.5 + random.random())  # jitter spreads out retry storms
             try:
                 reply = self._read(method, path, limit, **kwargs)
+            except httpx.DecodingError:
+                raise CoordinatorProtocolError(
+                    "the coordinator's answer does not decode as its Content-Encoding says"
+                ) from None
             except httpx.TransportError as exc:
                 _raise_if_certificate(exc)
                 problem = f"{type(exc).__name__}"
@@ -509,9 +530,10 @@ class FederationClient:
         )
 
     def _read(self, method: str, path: str, limit: float, **kwargs: Any) -> _Reply:
-        """The whole answer, read within `limit` seconds and max_response_bytes: httpx's own
-        timeouts bound each read, not the request, so a server trickling bytes could hold the
-        device for as long as it liked."""
+        """The whole answer, within max_response_bytes and within `limit` seconds plus one
+        second per _MIN_RATE bytes received: httpx's own timeouts bound each read, not the
+        request, so a server trickling bytes could hold the device as long as it liked, while
+        a large model on a slow link still arrives."""
         ends = time.monotonic() + limit
         most = self._config.max_response_bytes
         with self._http.stream(method, path, timeout=limit, **kwargs) as response:
@@ -523,8 +545,8 @@ class FederationClient:
                 size += len(chunk)
                 if size > most:
                     raise _too_large(most)
-                if time.monotonic() > ends:
-                    raise httpx.ReadTimeout(f"the answer took longer than {limit:g} s")
+                if time.monotonic() > ends + size / _MIN_RATE:
+                    raise httpx.ReadTimeout(f"the answer came slower than {_MIN_RATE} bytes/s")
                 chunks.append(chunk)
             return _Reply(response.status_code, response.headers, b"".join(chunks))
 

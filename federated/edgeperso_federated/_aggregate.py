@@ -90,14 +90,20 @@ def secure_normal(shape: tuple[int, ...], std: float) -> np.ndarray:
     the value it was added to (Mironov, CCS 2012); the sum fills them in.
     """
     count = math.prod(shape)
-    pairs = 2 * count  # 4 normals per value; Box-Muller turns one pair of uniforms into two
-    bits = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
-    uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1)
-    radius = np.sqrt(-2.0 * np.log1p(-uniform[0]))  # 1 - u in (0, 1]: log never sees 0
-    angle = 2.0 * math.pi * uniform[1]
-    draws = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[: 4 * count]
-    summed: np.ndarray = draws.reshape(4, count).sum(axis=0) * (std / 2.0)
-    return summed.reshape(shape)
+    out = np.empty(count)
+    for start in range(0, count, _NOISE_CHUNK):  # bounded memory for any model size
+        n = min(_NOISE_CHUNK, count - start)
+        # 4 normals per value; Box-Muller turns one pair of uniforms into two normals
+        bits = np.frombuffer(os.urandom(32 * n), dtype=np.uint64).reshape(2, 2 * n)
+        uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1)
+        radius = np.sqrt(-2.0 * np.log1p(-uniform[0]))  # 1 - u in (0, 1]: log never sees 0
+        angle = 2.0 * math.pi * uniform[1]
+        draws = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])
+        out[start : start + n] = draws.reshape(4, n).sum(axis=0) * (std / 2.0)
+    return out.reshape(shape)
+
+
+_NOISE_CHUNK = 1 << 18  # values per os.urandom call in secure_normal (8 MiB of random bits)
 
 
 def means_of_sum(

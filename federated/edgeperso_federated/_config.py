@@ -74,8 +74,9 @@ class RoundConfig:
         )
         _require(0 < self.sampling_probability <= 1, "sampling_probability must be in (0, 1]")
         _require(
-            self.weight_cap is None or (math.isfinite(self.weight_cap) and self.weight_cap > 0),
-            "weight_cap must be a positive number of examples (or null: uniform weights)",
+            self.weight_cap is None or (math.isfinite(self.weight_cap) and self.weight_cap >= 1),
+            "weight_cap must be a number of examples >= 1 (or null: uniform weights); devices "
+            "refuse a task with a smaller one",
         )
         _require(0 <= self.trim_fraction < 0.5, "trim_fraction must be in [0, 0.5)")
         _require(

@@ -429,6 +429,17 @@ def test_a_noise_multiplier_the_accountant_cannot_book_is_refused(z: float) -> N
         _privacy.epsilon([(1e308, 1.0)], 1e-6)
 
 
+@pytest.mark.parametrize("cap", [0.5, 0.0, float("inf")])
+def test_a_weight_cap_devices_would_refuse_is_refused_when_the_round_is_created(
+    cap: float,
+) -> None:
+    """Devices refuse a task whose weight_cap is below 1 example; a round opened with one
+    would abort with nobody joined and no reason given."""
+    with pytest.raises(InvalidInputError, match="weight_cap must be a number of examples >= 1"):
+        RoundConfig("a", 0, cohort_size=2, min_survivors=2, weight_cap=cap)
+    RoundConfig("a", 0, cohort_size=2, min_survivors=2, weight_cap=1.0)
+
+
 def test_a_secure_round_no_device_can_encode_is_refused_when_it_is_created(
     coordinator: Coordinator,
 ) -> None:

@@ -24,10 +24,12 @@ def test_secure_normal_is_a_standard_normal_scaled_by_std() -> None:
     assert abs(scaled.std() - 7.5) < 7.5 * 0.05
 
 
-@pytest.mark.parametrize("count", [0, 1, 3])
+@pytest.mark.parametrize("count", [0, 1, 3, _aggregate._NOISE_CHUNK + 3])
 def test_secure_normal_of_small_and_odd_sizes(count: int) -> None:
     z = _aggregate.secure_normal((count,), 2.0)
     assert z.shape == (count,) and np.all(np.isfinite(z))
+    if count > _aggregate._NOISE_CHUNK:  # the last, short chunk is filled too
+        assert abs(z[-1000:].std() - 2.0) < 0.3 and abs(z.std() - 2.0) < 0.02
 
 
 def test_noise_does_not_follow_numpys_seed() -> None:

@@ -280,6 +280,37 @@ def test_an_answer_larger_than_max_response_bytes_is_refused(coordinator: Coordi
         client.check_in()
 
 
+def test_an_answer_that_does_not_match_its_content_encoding_is_a_typed_error(
+    coordinator: Coordinator,
+) -> None:
+    coordinator.answers["GET /v1/task"] = lambda request: httpx.Response(
+        200, stream=httpx.ByteStream(b"not gzip at all"), headers={"Content-Encoding": "gzip"}
+    )
+    with coordinator.client() as client, pytest.raises(CoordinatorProtocolError, match="decode"):
+        client.check_in()
+
+
+def test_a_large_answer_arriving_steadily_is_not_cut_by_the_request_time_limit(
+    coordinator: Coordinator,
+) -> None:
+    """About 1.5 s of a model at 200 KiB/s against a 0.5 s limit: past the limit, each 32 KiB
+    received buys another second."""
+    body = encode_tensors(model(extra=np.zeros(75_000, np.float32)))
+
+    class Steady(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            for i in range(0, len(body), 20_480):
+                time.sleep(0.1)
+                yield body[i : i + 20_480]
+
+    coordinator.answers["GET /v1/models/0"] = lambda request: httpx.Response(200, stream=Steady())
+    with (
+        coordinator.client(request_timeout_s=0.5) as client,
+        pytest.raises(CoordinatorProtocolError, match="extra"),  # arrived whole, then checked
+    ):
+        client.check_in()
+
+
 def test_a_trickled_answer_counts_against_the_request_time_limit(
     coordinator: Coordinator,
 ) -> None:
@@ -387,6 +418,30 @@ def test_a_plain_round_is_refused_unless_the_app_allows_it(coordinator: Coordina
                 task, before=update, after=update, summary=np.zeros(2), num_examples=1
             )
     assert len(coordinator.sent) == sent  # nothing went out
+
+
+def test_a_saved_plain_round_is_not_resumed_once_the_app_no_longer_allows_it(
+    coordinator: Coordinator,
+) -> None:
+    """A round joined while plain rounds were allowed (or by an older version, which always
+    took part), resumed by an app that no longer allows them."""
+    coordinator.answers["GET /v1/task"] = httpx.Response(200, json=task_json(secure=False))
+    coordinator.answers["POST /join"] = httpx.Response(503)
+    state = MemoryStateStore()
+    with coordinator.client(state, allow_plain_rounds=True) as client:
+        task = client.check_in()
+        assert task is not None
+        update = task.params_for(0)
+        with pytest.raises(CoordinatorUnavailableError):
+            client.contribute(
+                task, before=update, after=update, summary=np.zeros(2), num_examples=1
+            )
+    coordinator.answers["POST /join"] = httpx.Response(200, json={"index": 1})
+    sent = len(coordinator.sent)
+    with coordinator.client(state) as client, pytest.raises(UnsupportedError, match="allow_plain"):
+        client.resume()
+    assert not any(route in ("POST /join", "PUT /update") for route, _ in coordinator.sent[sent:])
+    assert state.get("federation.round") is not None  # kept: the app may allow it again
 
 
 @pytest.mark.parametrize(
@@ -519,6 +574,26 @@ def test_a_resumed_device_reveals_the_same_shares_whatever_survivors_it_is_sent(
     assert len(secure.reveals) == 2
     assert secure.reveals[0] == secure.reveals[1]
     assert {(s["of"], s["kind"]) for s in secure.reveals[0]} == {(2, "b"), (3, "b")}
+
+
+def test_a_device_whose_neighbours_dropped_leaves_the_round_without_revealing(
+    coordinator: Coordinator,
+) -> None:
+    secure = SecureRound(coordinator)
+    secure.survivors = [1]  # both neighbours dropped after sending their shares
+
+    def status(request: httpx.Request) -> httpx.Response:
+        asked = any(route == "GET /survivors" for route, _ in coordinator.sent)
+        # once the device has seen the survivors, the coordinator's deadline ends the round
+        return httpx.Response(200, json={"stage": "aborted" if asked else secure.stage})
+
+    coordinator.answers["GET /status"] = status
+    state = MemoryStateStore()
+    with coordinator.client(state) as client:
+        outcome = contribute(client)
+    assert outcome.status == "aborted" and outcome.params is None
+    assert secure.reveals == []
+    assert state.get("federation.round") is None
 
 
 def test_secagg_refuses_a_second_survivors_list_and_too_few_survivors() -> None:
