@@ -939,14 +939,9 @@ class Store:
             version = versions[-1]
         if version not in versions:
             return None
-        row = txn.conn.execute(
-            "SELECT body FROM blobs WHERE uid = ? AND name = ? AND version = ?",
-            (found.uid, tag, version),
-        ).fetchone()
-        if row is None:
-            raise TamperedError("a blob listed in the user's manifest is missing")
         assert version is not None
-        return found.key.open(_blob(row[0]), ad("blobs", found.uid, _rec([tag, version]), "body"))
+        body = self._blob_body(txn, found, tag, version)
+        return found.key.open(body, ad("blobs", found.uid, _rec([tag, version]), "body"))
 
     def blobs(self, user: str) -> dict[str, list[int]]:
         """The user's blob names and their stored versions (oldest first)."""
@@ -978,14 +973,19 @@ class Store:
             return len(doomed)
 
     @staticmethod
-    def _drop_blob(txn: _Txn, user: _User, tag: bytes, version: int) -> None:
+    def _blob_body(txn: _Txn, user: _User, tag: bytes, version: int) -> bytes:
+        """The sealed body of a blob version the user's manifest lists."""
         row = txn.conn.execute(
             "SELECT body FROM blobs WHERE uid = ? AND name = ? AND version = ?",
             (user.uid, tag, version),
         ).fetchone()
         if row is None:
             raise TamperedError("a blob listed in the user's manifest is missing")
-        txn.unaccount(user, "blobs", row[0])
+        return _blob(row[0])
+
+    @classmethod
+    def _drop_blob(cls, txn: _Txn, user: _User, tag: bytes, version: int) -> None:
+        txn.unaccount(user, "blobs", cls._blob_body(txn, user, tag, version))
         txn.conn.execute(
             "DELETE FROM blobs WHERE uid = ? AND name = ? AND version = ?",
             (user.uid, tag, version),

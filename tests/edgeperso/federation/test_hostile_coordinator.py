@@ -237,14 +237,11 @@ def test_a_malformed_round_status_is_a_typed_error_and_the_round_stays_saved(
     coordinator.answers["GET /status"] = round_status
     coordinator.answers["PUT /update"] = update
     state = MemoryStateStore()
-    with coordinator.client(state, allow_plain_rounds=True) as client:
-        task = client.check_in()
-        assert task is not None
-        update = task.params_for(0)
-        with pytest.raises(CoordinatorProtocolError):
-            client.contribute(
-                task, before=update, after=update, summary=np.zeros(2), num_examples=1
-            )
+    with (
+        coordinator.client(state, allow_plain_rounds=True) as client,
+        pytest.raises(CoordinatorProtocolError),
+    ):
+        contribute(client)
     assert state.get("federation.round") is not None
 
 
@@ -428,14 +425,11 @@ def test_a_saved_plain_round_is_not_resumed_once_the_app_no_longer_allows_it(
     coordinator.answers["GET /v1/task"] = httpx.Response(200, json=task_json(secure=False))
     coordinator.answers["POST /join"] = httpx.Response(503)
     state = MemoryStateStore()
-    with coordinator.client(state, allow_plain_rounds=True) as client:
-        task = client.check_in()
-        assert task is not None
-        update = task.params_for(0)
-        with pytest.raises(CoordinatorUnavailableError):
-            client.contribute(
-                task, before=update, after=update, summary=np.zeros(2), num_examples=1
-            )
+    with (
+        coordinator.client(state, allow_plain_rounds=True) as client,
+        pytest.raises(CoordinatorUnavailableError),
+    ):
+        contribute(client)
     coordinator.answers["POST /join"] = httpx.Response(200, json={"index": 1})
     sent = len(coordinator.sent)
     with coordinator.client(state) as client, pytest.raises(UnsupportedError, match="allow_plain"):
