@@ -89,6 +89,9 @@ class _Prepared:
     history: np.ndarray  # [H, d]
     history_mask: np.ndarray  # [H]
     truncated: int
+    # The persona/global parameters all of the above was computed under. Training uses these
+    # to the end: an install_shared meanwhile (another process's) applies from the next call.
+    shared: Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,8 +500,7 @@ class Personalizer:
             )
         if isinstance(names, str) or not isinstance(names, Sequence):
             raise InvalidInputError("names must be a sequence of parameter names")
-        shared = self._shared
-        unknown = [n for n in names if n not in shared]
+        unknown = [n for n in names if n not in self._shared]
         if unknown:
             raise InvalidInputError(
                 f"not persona/global parameters of this bundle: {sorted(unknown)}"
@@ -510,7 +512,7 @@ class Personalizer:
         self._check_enough(examples)
         data = self._prepare(user, examples, with_prefix=False)
         w, b = self._fit_head(data, np.arange(len(examples)), float(l2), config)
-        before = {n: shared[n].copy() for n in names}
+        before = {n: data.shared[n].copy() for n in names}  # what the refit started from
         after = {n: v.copy() for n, v in before.items()}
         if "global.head.w" in after:
             after["global.head.w"][: w.shape[0]] += w
@@ -994,7 +996,8 @@ class Personalizer:
         # is cut there, and counted as truncated like a text over max_length.
         longest = max((g.seq_len for g in self.manifest.train.graphs), default=0)
         history, mask = self._history(user, fill=True)
-        feeds = _params.infer_feeds(self.manifest, self._shared | self._zero_user())
+        shared = self._shared
+        feeds = _params.infer_feeds(self.manifest, shared | self._zero_user())
         feeds |= {"history": history, "history_mask": mask}
         wanted = ["features", "output", *(["prefix"] if with_prefix else [])]
         for ex in examples:
@@ -1015,9 +1018,9 @@ class Personalizer:
             index = {label: i for i, label in enumerate(names)}
             labels = np.array([index[str(ex.label)] for ex in examples], np.int64)
             targets = np.eye(len(index), dtype=np.float32)[labels]
-            return _Prepared(*common, targets, labels, history, mask, truncated)
+            return _Prepared(*common, targets, labels, history, mask, truncated, shared)
         scores = np.array([[float(ex.label)] for ex in examples], np.float32)  # type: ignore[arg-type]
-        return _Prepared(*common, scores, None, history, mask, truncated)
+        return _Prepared(*common, scores, None, history, mask, truncated, shared)
 
     def _step(
         self,
@@ -1064,7 +1067,7 @@ class Personalizer:
             "weights": w,
             "prox_weight": np.array(config.prox_weight, np.float32),
         }
-        for name, value in (self._shared | params).items():
+        for name, value in (data.shared | params).items():
             feeds[name] = value
             # Ditto: the user's deltas are pulled toward 0, i.e. toward the shared model.
             feeds[f"ref.{name}"] = np.zeros_like(value) if name in params else value
@@ -1078,7 +1081,7 @@ class Personalizer:
     def _outputs(self, data: _Prepared, rows: np.ndarray, user_params: Params | None) -> np.ndarray:
         """[n, C] the inference graph's outputs under `user_params` for `rows` (every
         example for an embedding bundle, whose retrieval compares with the others)."""
-        params = self._shared | (user_params or self._zero_user())
+        params = data.shared | (user_params or self._zero_user())
         feeds = _params.infer_feeds(self.manifest, params)
         feeds |= {"history": data.history, "history_mask": data.history_mask}
         # Through the inference graph, one text per run: exactly how the user will be served.

@@ -335,6 +335,51 @@ def test_two_installs_at_once_on_one_store_file_keep_each_others_parameters(
     np.testing.assert_array_equal(stored["persona.bias"], persona)
 
 
+def test_an_install_by_another_handle_during_training_changes_nothing_of_that_training(
+    tiny_bundles: dict[str, Path], tmp_path: Path, key: RawKey
+) -> None:
+    """Every step and held-out score of one train() uses the shared parameters it started
+    with; parameters installed meanwhile (a federated round finishing in the app while a
+    trainer runs) apply from the next call."""
+    bundle = tiny_bundles["classification"]
+    config = TrainConfig(adapter=True, epochs=3, max_seconds=None, seed=3)
+    losses: dict[bool, list[float]] = {}
+    results = {}
+    for install_midway in (False, True):
+        path = tmp_path / f"{install_midway}.db"
+        with Store.open(path, key) as store, Store.open(path, key) as app_handle:
+            trainer = Personalizer.open(bundle, store)
+            trainer.add_examples("alice", topic_examples(12, pets="b", markets="a"))
+            app = Personalizer.open(bundle, app_handle)
+            seen = losses.setdefault(install_midway, [])
+
+            def on_progress(
+                progress: TrainProgress,
+                install: bool = install_midway,
+                app: Personalizer = app,
+                seen: list[float] = seen,
+            ) -> None:
+                seen.append(progress.loss)
+                if install and progress.step == 1:
+                    bias = np.array([9.0, -9.0, 0.0], np.float32)
+                    app.install_shared({"global.head.b": bias, "persona.bias": bias})
+
+            results[install_midway] = trainer.train("alice", config, on_progress=on_progress)
+            assert bool(trainer.shared_params()["global.head.b"][0] == 9.0) is install_midway
+    assert len(losses[True]) > 10
+    assert losses[True] == losses[False]  # the same steps on the same parameters
+    plain, interrupted = results[False], results[True]
+    assert (plain.kept, plain.stage, plain.steps) == (
+        interrupted.kept,
+        interrupted.stage,
+        interrupted.steps,
+    )
+    assert (plain.global_score, plain.personal_score) == (
+        interrupted.global_score,
+        interrupted.personal_score,
+    )
+
+
 # ---- an app update that ships another bundle -------------------------------------------------
 
 
