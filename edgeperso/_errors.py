@@ -14,6 +14,11 @@
     ├── StorageError               the disk refused (full, read-only, I/O error)
     └── BudgetExhaustedError       a privacy or training budget is spent
 
+`edgeperso.federation` adds two of its own, both EdgePersoError: CoordinatorUnavailableError
+(the coordinator could not be reached or kept failing: call resume() later) and
+CoordinatorProtocolError (it answered something the device cannot use; nothing was taken
+from it).
+
 Every message says what was wrong and what to do next. No message contains user text,
 labels or key material.
 """
