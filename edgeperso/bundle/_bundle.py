@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeperso._errors import BundleIntegrityError, EdgePersoError, InvalidInputError
+from edgeperso._paths import check_path
 from edgeperso.bundle._manifest import Manifest
 
 MANIFEST = "manifest.json"
@@ -41,9 +42,7 @@ class Bundle:
         the bundle's schema is newer than this runtime, and BundleIntegrityError if any file
         is missing, truncated or modified.
         """
-        if not isinstance(path, str | os.PathLike):
-            raise InvalidInputError(f"bundle path must be a str or path, not {type(path).__name__}")
-        root = Path(path)
+        root = check_path(path, "bundle path")
         if not root.is_dir():
             raise InvalidInputError(f"bundle path {str(root)!r} is not a directory")
         manifest_path = root / MANIFEST

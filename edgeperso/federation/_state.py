@@ -15,7 +15,7 @@ from typing import Protocol
 from edgeperso._errors import InvalidInputError
 from edgeperso.store import Store
 
-_KEY = re.compile(r"^[a-z0-9_.-]{1,64}$")
+_KEY = re.compile(r"[a-z0-9_-][a-z0-9_.-]{0,63}")  # a file name: no "." or ".." first
 
 
 class StateStore(Protocol):
@@ -38,7 +38,7 @@ class MemoryStateStore:
         return self._values.get(key)
 
     def put(self, key: str, value: bytes) -> None:
-        self._values[key] = bytes(value)
+        self._values[key] = _check_value(value)
 
     def delete(self, key: str) -> None:
         self._values.pop(key, None)
@@ -52,7 +52,7 @@ class DirectoryStateStore:
         self._directory.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        if not _KEY.match(key):
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise InvalidInputError(f"state key {key!r} must match {_KEY.pattern}")
         return self._directory / key
 
@@ -64,6 +64,7 @@ class DirectoryStateStore:
 
     def put(self, key: str, value: bytes) -> None:
         path = self._path(key)
+        value = _check_value(value)
         partial = path.with_name(path.name + ".partial")
         with open(partial, "wb") as file:
             file.write(value)
@@ -92,7 +93,7 @@ class SealedStateStore:
 
     def put(self, key: str, value: bytes) -> None:
         _check_key(key)
-        self._store.put_blob(self._account, key, bytes(value), keep=1)
+        self._store.put_blob(self._account, key, _check_value(value), keep=1)
 
     def delete(self, key: str) -> None:
         _check_key(key)
@@ -100,5 +101,11 @@ class SealedStateStore:
 
 
 def _check_key(key: str) -> None:
-    if not _KEY.match(key):
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise InvalidInputError(f"state key {key!r} must match {_KEY.pattern}")
+
+
+def _check_value(value: object) -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):  # bytes(5) would be 5 zero bytes
+        raise InvalidInputError("a state value must be bytes")
+    return bytes(value)

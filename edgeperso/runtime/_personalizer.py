@@ -176,6 +176,8 @@ class Personalizer:
             bundle = Bundle.load(bundle)
         if not isinstance(store, Store):
             raise InvalidInputError("store must be an edgeperso Store (Store.open(...))")
+        if session is not None and not isinstance(session, SessionOptions):
+            raise InvalidInputError("session must be a SessionOptions (or None)")
         return cls(bundle, store, session or SessionOptions())
 
     # -- data -------------------------------------------------------------------------------
@@ -183,8 +185,7 @@ class Personalizer:
     def add_examples(self, user: str, examples: Sequence[Example]) -> list[int]:
         """Validate and store examples (encrypted), and cache their history embeddings."""
         _check_app_user(user)
-        if not examples:
-            raise InvalidInputError("examples is empty")
+        examples = _as_list(examples, "examples", Example)
         for i, ex in enumerate(examples):
             if not isinstance(ex, Example):
                 raise InvalidInputError(f"examples[{i}] is not an edgeperso Example")
@@ -204,8 +205,7 @@ class Personalizer:
         example_id=id)` replaces that example's label in later training; other events are
         kept for the app."""
         _check_app_user(user)
-        if not events:
-            raise InvalidInputError("events is empty")
+        events = _as_list(events, "events", Feedback)
         known: set[int | None] | None = None
         for i, event in enumerate(events):
             if not isinstance(event, Feedback):
@@ -601,6 +601,9 @@ class Personalizer:
         config = config or TrainConfig()
         if not isinstance(config, TrainConfig):
             raise InvalidInputError("config must be a TrainConfig")
+        for name, hook in (("on_progress", on_progress), ("cancel", cancel)):
+            if hook is not None and not callable(hook):
+                raise InvalidInputError(f"{name} must be a function or None")
         if not self.manifest.train.graphs:
             raise UnsupportedError(
                 f"this {self.manifest.task} bundle has no training graph; export it again "
@@ -1316,6 +1319,17 @@ def _cancelled_before_storing() -> CancelledError:
         "train() was cancelled before anything was stored: the user's stored adapter is "
         "unchanged; call train() again to train"
     )
+
+
+def _as_list(items: object, what: str, kind: type) -> list[Any]:
+    """A non-empty sequence of `kind`, as a list; one bare `kind` gets a hint."""
+    if isinstance(items, kind):
+        raise InvalidInputError(f"{what} must be a list of {kind.__name__}: wrap the one in [...]")
+    if not isinstance(items, Sequence) or isinstance(items, str | bytes):
+        raise InvalidInputError(f"{what} must be a list of {kind.__name__}")
+    if not items:
+        raise InvalidInputError(f"{what} is empty")
+    return list(items)
 
 
 def _check_app_user(user: object) -> None:

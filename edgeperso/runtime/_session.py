@@ -42,9 +42,9 @@ class SessionOptions:
         for name in ("intra_op_threads", "inter_op_threads"):
             value = getattr(self, name)
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
+                isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024
             ):
-                raise InvalidInputError(f"{name} must be an int >= 1 or None")
+                raise InvalidInputError(f"{name} must be an int in 1..1024 or None")
 
 
 class Graph:

@@ -30,6 +30,7 @@ import safetensors.numpy
 
 from edgeperso._atomic import write_atomically
 from edgeperso._errors import InvalidInputError, StorageError, UnsupportedError
+from edgeperso._paths import check_path
 from edgeperso.bundle import sha256_file
 from edgeperso.runtime import _params
 from edgeperso.runtime._params import Params
@@ -282,8 +283,7 @@ def save_shared_file(
 
 
 def _check_path(path: object) -> None:
-    if not isinstance(path, str | os.PathLike):
-        raise InvalidInputError(f"path must be a str or path, not {type(path).__name__}")
+    check_path(path)
 
 
 def load_shared_file(

@@ -91,7 +91,11 @@ def check_json(value: object, where: str, depth: int = 0) -> None:
     if isinstance(value, str):
         check_unicode(value, where)
         return
-    if value is None or isinstance(value, bool | int):
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if value.bit_length() > 13_000:  # ~3,900 digits: Python will not write more as text
+            raise InvalidInputError(f"{where} holds an int too large to store")
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -111,11 +115,19 @@ def check_json(value: object, where: str, depth: int = 0) -> None:
     raise InvalidInputError(f"{where} holds a {type(value).__name__}; only JSON values allowed")
 
 
+def _finite(number: int | float) -> bool:
+    """math.isfinite, False for an int too large for a float (rather than OverflowError)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
+
+
 def _check_time(timestamp: object, where: str) -> None:
     if isinstance(timestamp, bool) or not isinstance(timestamp, int | float):
         raise InvalidInputError(f"{where}.timestamp must be seconds since the epoch (a number)")
-    if not math.isfinite(timestamp):
-        raise InvalidInputError(f"{where}.timestamp must be finite")
+    if not _finite(timestamp):
+        raise InvalidInputError(f"{where}.timestamp must be finite (and fit a float)")
 
 
 def _check_label(label: object, where: str) -> None:
@@ -126,8 +138,8 @@ def _check_label(label: object, where: str) -> None:
         return
     if isinstance(label, bool) or not isinstance(label, int | float):
         raise InvalidInputError(f"{where} must be a str, a number, or None")
-    if not math.isfinite(label):
-        raise InvalidInputError(f"{where} must be finite (got NaN or infinity)")
+    if not _finite(label):
+        raise InvalidInputError(f"{where} must be finite (got NaN, infinity or a huge int)")
 
 
 def _frozen_metadata(metadata: object, where: str) -> Mapping[str, JSONValue]:
@@ -233,8 +245,11 @@ def feedback_from_json(obj: Mapping[str, Any], record_id: int) -> Feedback:
 
 
 def encode_array(vector: object) -> bytes:
-    arr = np.asarray(vector)
-    if arr.dtype.kind not in "fiu" or arr.ndim > _MAX_DIMS:
+    try:
+        arr = np.asarray(vector)
+    except (ValueError, TypeError):  # ragged nested lists, mixed objects
+        arr = np.empty(0, object)
+    if arr.dtype.kind not in "fiu" or arr.ndim > _MAX_DIMS or max(arr.shape, default=0) >= 2**32:
         raise InvalidInputError(
             f"an embedding must be a real numeric array of at most {_MAX_DIMS} dims"
         )

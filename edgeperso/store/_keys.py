@@ -88,6 +88,10 @@ class PassphraseKey(KeyProvider):
     def __post_init__(self) -> None:
         if not isinstance(self.passphrase, str) or not self.passphrase:
             raise InvalidInputError("PassphraseKey needs a non-empty str passphrase")
+        if any("\ud800" <= c <= "\udfff" for c in self.passphrase):
+            raise InvalidInputError(
+                "the passphrase holds a lone surrogate, which no keyboard types"
+            )
         _check_cost(self.memory_kib, self.iterations, self.lanes)
 
     def _secret(self) -> bytes:

@@ -36,6 +36,7 @@ from edgeperso._errors import (
     UnsupportedError,
     WrongKeyError,
 )
+from edgeperso._paths import check_path
 from edgeperso.store import _backup, _crypto, _keys, _schema
 from edgeperso.store._codec import (
     FORMAT_VERSION,
@@ -44,6 +45,7 @@ from edgeperso.store._codec import (
     JSONValue,
     ad,
     check_json,
+    check_unicode,
     check_user,
     decode_array,
     decode_json,
@@ -82,8 +84,12 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.rollback_counter, SidecarCounter | KeyringCounter | None):
             raise InvalidInputError("rollback_counter: SidecarCounter, KeyringCounter or None")
-        if not (isinstance(self.busy_timeout_s, int | float) and 0 <= self.busy_timeout_s < 3600):
+        if isinstance(self.busy_timeout_s, bool) or not (
+            isinstance(self.busy_timeout_s, int | float) and 0 <= self.busy_timeout_s < 3600
+        ):
             raise InvalidInputError("busy_timeout_s must be a number of seconds in [0, 3600)")
+        if not isinstance(self.create, bool):
+            raise InvalidInputError("create must be True or False")
         if isinstance(self.max_key_uses, bool) or not (
             isinstance(self.max_key_uses, int) and 64 <= self.max_key_uses <= 1 << 31
         ):
@@ -115,9 +121,10 @@ def _sqlite_error(exc: Exception) -> EdgePersoError:
 def _check_blob(data: object) -> bytes:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InvalidInputError("blob data must be bytes")
-    if len(data) > _MAX_BLOB:
+    payload = data.tobytes() if isinstance(data, memoryview) else bytes(data)  # any layout
+    if len(payload) > _MAX_BLOB:
         raise InvalidInputError(f"a blob is at most {_MAX_BLOB >> 20} MiB")
-    return bytes(data)
+    return payload
 
 
 def _check_keep(keep: object) -> None:
@@ -145,6 +152,8 @@ def _rec(values: Sequence[object]) -> bytes:
 
 
 def _check_ids(ids: Iterable[int], what: str) -> list[int]:
+    if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
+        raise InvalidInputError(f"{what} must be a list of record ids (positive ints)")
     out = list(ids)
     for i in out:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 < i < 1 << 63:
@@ -155,7 +164,16 @@ def _check_ids(ids: Iterable[int], what: str) -> list[int]:
 def _check_name(value: object, what: str) -> str:
     if not isinstance(value, str) or not value or len(value) > 256:
         raise InvalidInputError(f"{what} must be a non-empty str of at most 256 characters")
+    check_unicode(value, what)
     return value
+
+
+def _check_version(version: object) -> int | None:
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version < 1
+    ):
+        raise InvalidInputError("version must be a positive int (a blob version) or None")
+    return version
 
 
 def _connect(path: Path, timeout: float) -> sqlite3.Connection:
@@ -473,8 +491,7 @@ class Store:
         Raises WrongKeyError, KeyUnavailableError, TamperedError, RollbackError,
         UnsupportedError (schema too new), LockedError or StorageError; none changes the file.
         """
-        if not isinstance(path, str | os.PathLike):
-            raise InvalidInputError("path must be a str or os.PathLike")
+        check_path(path)
         if not isinstance(key, KeyProvider):
             raise InvalidInputError("key must be a KeyringKey, PassphraseKey or RawKey")
         config = StoreConfig() if config is None else config
@@ -925,6 +942,7 @@ class Store:
         """A blob version (the newest when `version` is None), or None if there is none."""
         user = check_user(user)
         name = _check_name(name, "blob name")
+        version = _check_version(version)
         with self._txn(write=False) as txn:
             txn.verify_users()
             found = txn.user(user, create=False)
@@ -957,6 +975,7 @@ class Store:
         """Delete one version, or every version when `version` is None; returns the count."""
         user = check_user(user)
         name = _check_name(name, "blob name")
+        version = _check_version(version)
         with self._txn(write=True) as txn:
             found = txn.user(user, create=False)
             if found is None:
@@ -1126,8 +1145,8 @@ class Store:
 
         The restored store starts a new rollback history at the backup's state.
         """
-        source = Path(backup) if isinstance(backup, str | os.PathLike) else None
-        if source is None or not source.is_file():
+        source = check_path(backup, "backup")
+        if not source.is_file():
             raise InvalidInputError("backup must be the path of an existing backup file")
         target = _new_path(path, "path")
         if not isinstance(key, KeyProvider):
@@ -1245,9 +1264,7 @@ def _typed(items: Iterable[Any], kind: type, what: str) -> list[Any]:
 
 
 def _new_path(value: object, what: str) -> Path:
-    if not isinstance(value, str | os.PathLike):
-        raise InvalidInputError(f"{what} must be a str or os.PathLike")
-    target = Path(value)
+    target = check_path(value, what)
     if target.exists():
         raise InvalidInputError(f"{what} already exists; refusing to overwrite it")
     return target

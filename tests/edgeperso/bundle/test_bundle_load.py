@@ -89,7 +89,7 @@ def test_not_a_bundle_directory(tmp_path: Path) -> None:
         Bundle.load(tmp_path)
     with pytest.raises(InvalidInputError, match="not a directory"):
         Bundle.load(tmp_path / "nothing")
-    with pytest.raises(InvalidInputError, match="str or path"):
+    with pytest.raises(InvalidInputError, match=r"str or os\.PathLike"):
         Bundle.load(None)  # type: ignore[arg-type]
 
 

@@ -221,5 +221,41 @@ def test_options_of_the_wrong_type_are_refused(make: Callable[[], object]) -> No
 
 
 def test_opening_a_personalizer_without_a_bundle_path_is_refused(store: Store) -> None:
-    with pytest.raises(InvalidInputError, match="str or path"):
+    with pytest.raises(InvalidInputError, match=r"str or os\.PathLike"):
         Personalizer.open(None, store)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: m.add_examples("alice", Example("one", label="a")), "wrap the one"),
+        (lambda m: m.add_examples("alice", (e for e in topic_examples(1))), "list of Example"),
+        (lambda m: m.add_examples("alice", np.array(topic_examples(1))), "list of Example"),
+        (lambda m: m.add_feedback("alice", "correction"), "list of Feedback"),
+        (lambda m: m.train("alice", on_progress=5), "on_progress"),
+        (lambda m: m.train("alice", cancel="stop"), "cancel"),
+        (lambda m: m.save_shared("shared\0.safetensors"), "NUL"),
+    ],
+    ids=["one-example", "generator", "array", "feedback-str", "progress", "cancel", "nul-path"],
+)
+def test_arguments_of_the_wrong_kind_are_refused_before_any_work(
+    classifier: Personalizer,
+    store: Store,
+    alice: tuple[Any, ...],
+    call: Callable[[Personalizer], object],
+    message: str,
+) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        call(classifier)
+    assert snapshot(store, "alice") == alice
+
+
+def test_bad_session_options_are_refused_before_onnxruntime_sees_them(
+    tiny_bundles: dict[str, Any], store: Store
+) -> None:
+    with pytest.raises(InvalidInputError, match=r"1\.\.1024"):
+        SessionOptions(intra_op_threads=2**40)
+    with pytest.raises(InvalidInputError, match="SessionOptions"):
+        Personalizer.open(tiny_bundles["classification"], store, session={"threads": 2})  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="NUL"):
+        Personalizer.open("bundle\0dir", store)
