@@ -56,7 +56,10 @@ class RoundConfig:
     aggregator: Literal["mean", "trimmed_mean"] = "mean"
     trim_fraction: float = 0.1  # trimmed off each end per coordinate (plain rounds only)
     server_lr: float = 1.0
-    min_persona_weight: float = 1.0  # a persona with less total weight keeps its parameters
+    # A persona (and the global level) with less summed weight keeps its parameters. Each
+    # device weighs at most 1, so this is also a least number of devices: at 1, a persona one
+    # device chose was published as that device's own delta and summary.
+    min_persona_weight: float = 3.0
 
     def __post_init__(self) -> None:
         _require(self.cohort_size >= 2, "cohort_size must be >= 2")

@@ -275,7 +275,9 @@ def new_app(server: Server, app_id: str, **app: Any) -> str:
 
 
 def open_round(server: Server, app_id: str, **config: Any) -> str:
-    body = {"app_id": app_id, "model_version": 0, **config}
+    # These rounds check arithmetic on cohorts of 2-5 devices: a floor of one device's weight
+    # (the default, 3, is for privacy and has its own test).
+    body = {"app_id": app_id, "model_version": 0, "min_persona_weight": 1.0, **config}
     with server.admin() as admin:
         response = admin.post("/v1/admin/rounds", json=body)
         assert response.status_code == 201, response.text

@@ -89,6 +89,7 @@ def _drive(
 def _round(
     coord: Coordinator, app_id: str, n: int, **config: Any
 ) -> tuple[dict[str, Any], RoundTask]:
+    config.setdefault("min_persona_weight", 1.0)  # arithmetic on a few devices: see _fixtures
     coord.create_round(
         RoundConfig(app_id=app_id, model_version=0, cohort_size=n, min_survivors=2, **config)
     )
@@ -118,10 +119,33 @@ def test_persona_sums_and_counts_match_a_plain_computation(coordinator: Coordina
     np.testing.assert_array_equal(model["shared_lora_a"], start["shared_lora_a"])
 
 
+def test_by_default_a_persona_fewer_than_three_devices_chose_keeps_its_parameters(
+    coordinator: Coordinator,
+) -> None:
+    """At a floor of one device, a persona that one device chose was published as that
+    device's own delta, and its centroid as its user's summary (the texts' mean embedding)."""
+    assert RoundConfig.min_persona_weight == 3.0
+    app_id, key = _app(coordinator)
+    task_json, task = _round(coordinator, app_id, 7, min_persona_weight=3.0)
+    vectors = [contribution(task, seed) for seed in range(7)]  # personas 0..6 mod 3: 3, 2, 2
+    status = _drive(coordinator, app_id, key, vectors, task_json)
+    assert status["stage"] == "published"
+    model, _ = decode_tensors(coordinator.model(app_id, status["published_version"]))
+    start = initial_model()
+    name = persona_key(0, "persona_head")
+    assert not np.allclose(model[name], start[name])  # three devices: updated
+    for p in (1, 2):  # two devices each: kept
+        name = persona_key(p, "persona_head")
+        np.testing.assert_array_equal(model[name], start[name])
+        np.testing.assert_array_equal(model["centroids"][p], start["centroids"][p])
+
+
 def test_a_persona_at_the_weight_floor_is_updated_despite_the_sums_rounding() -> None:
     """A secure sum decodes a summed weight of exactly min_persona_weight as a hair below it;
     within the encoding's error bound it still counts, beyond it it does not."""
-    config = RoundConfig(app_id="a", model_version=0, cohort_size=4, min_survivors=3)
+    config = RoundConfig(
+        app_id="a", model_version=0, cohort_size=4, min_survivors=3, min_persona_weight=1.0
+    )
     total = np.zeros(LAYOUT.length)
     total[LAYOUT.global_size + LAYOUT.block_size - 1] = 1.0 - 1e-9  # persona 0's weight
     total[LAYOUT.global_size : LAYOUT.global_size + LAYOUT.persona_size] = 0.5

@@ -92,6 +92,7 @@ def config(scenario: str, **overrides: Any) -> RoundConfig:
         # timeout to pass (the dropout device fails fast), so this costs nothing otherwise.
         join_timeout_s=300.0,
         stage_timeout_s=300.0,
+        min_persona_weight=1.0,  # 5 nodes, 2 personas: arithmetic, not the privacy floor
     )
     return RoundConfig(**(values | overrides))
 
