@@ -162,7 +162,7 @@ class PersonaLayout:
         try:
             params = tuple(FederatedParam.from_json(p) for p in data["params"])
             return cls(params, int(data["num_personas"]), int(data["summary_dim"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # Infinity: Overflow
             if isinstance(exc, InvalidInputError):
                 raise
             raise InvalidInputError(f"invalid parameter layout ({exc})") from exc

@@ -87,6 +87,8 @@ def check_model(layout: PersonaLayout, model: Mapping[str, np.ndarray]) -> None:
     """InvalidInputError unless `model` holds exactly `layout`'s tensors: float32, the right
     shapes, finite. The persona count is compared first, so that a layout claiming a huge
     number of personas is refused before anything is sized by it."""
+    if not isinstance(model, Mapping) or not all(isinstance(v, np.ndarray) for v in model.values()):
+        raise InvalidInputError("a model must map tensor names to numpy arrays")
     centroids = model.get(CENTROIDS)
     if centroids is None or centroids.shape != (layout.num_personas, layout.summary_dim):
         found = "missing" if centroids is None else f"of shape {list(centroids.shape)}"

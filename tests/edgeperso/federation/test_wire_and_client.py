@@ -201,3 +201,22 @@ def test_a_missing_or_unreadable_ca_bundle_is_named_in_a_typed_error(tmp_path: P
         config = FederationConfig("https://c", "app", "key", opt_in=True, verify_tls=str(path))
         with pytest.raises(InvalidInputError, match=path.name):
             FederationClient(config, MemoryStateStore())
+
+
+def test_a_layout_or_model_of_the_wrong_kind_is_a_typed_error() -> None:
+    with pytest.raises(InvalidInputError, match="invalid parameter layout"):
+        PersonaLayout.from_json({**LAYOUT.to_json(), "num_personas": float("inf")})
+    with pytest.raises(InvalidInputError, match="numpy arrays"):
+        RoundTask.from_json(
+            {
+                "round_id": "r",
+                "model_version": 0,
+                **LAYOUT.to_json(),
+                "clip_norm": 1.0,
+                "summary_clip": 1.0,
+                "weight_cap": None,
+                "secure": True,
+                "fixed_point_scale": 2.0**20,
+            },
+            {"bias": [0.0, 0.0, 0.0], "centroids": [[1.0, 0.0], [0.0, 1.0]]},  # type: ignore[dict-item]
+        )
