@@ -91,12 +91,14 @@ class FederationConfig:
         for name in ("coordinator_url", "app_id", "enrolment_key"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise InvalidInputError(f"{name} must be a non-empty str")
-        parts = urlsplit(self.coordinator_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(self.coordinator_url)
+            hostname = parts.hostname
+        except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+            raise InvalidInputError("coordinator_url is not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not hostname:
             raise InvalidInputError("coordinator_url must be an http:// or https:// URL")
-        if parts.scheme == "http" and not (
-            self.allow_insecure_http or _is_loopback(parts.hostname)
-        ):
+        if parts.scheme == "http" and not (self.allow_insecure_http or _is_loopback(hostname)):
             raise InvalidInputError(
                 "coordinator_url is plain http:// to another host: the device token would "
                 "travel in clear; use https://, or set allow_insecure_http=True on a network "

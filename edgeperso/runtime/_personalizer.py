@@ -462,8 +462,8 @@ class Personalizer:
     def install_shared(self, params: Mapping[str, np.ndarray]) -> None:
         """Install new persona/global parameters (from a federated round); persisted, and
         used by every Personalizer on this store from its next call."""
-        if not isinstance(params, Mapping):
-            raise InvalidInputError("params must be a mapping of parameter name -> array")
+        if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+            raise InvalidInputError("params must be a mapping of parameter name (str) -> array")
         specs = tuple(p for p in self.manifest.params if p.level != "user" and p.name in params)
         unknown = set(params) - {p.name for p in self.manifest.params if p.level != "user"}
         if unknown:
@@ -498,7 +498,11 @@ class Personalizer:
                 "an embedding bundle has no shared head to refit: federated rounds take "
                 "classification and regression bundles"
             )
-        if isinstance(names, str) or not isinstance(names, Sequence):
+        if (
+            isinstance(names, str)
+            or not isinstance(names, Sequence)
+            or not all(isinstance(n, str) for n in names)
+        ):
             raise InvalidInputError("names must be a sequence of parameter names")
         unknown = [n for n in names if n not in self._shared]
         if unknown:

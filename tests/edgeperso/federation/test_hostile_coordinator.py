@@ -448,6 +448,7 @@ def test_a_saved_plain_round_is_not_resumed_once_the_app_no_longer_allows_it(
         ("http://coordinator.example", False),
         ("http://10.0.0.5:8000", False),
         ("ftp://coordinator.example", False),
+        ("https://[::1", False),
         ("https://", False),
     ],
 )

@@ -235,8 +235,20 @@ def test_opening_a_personalizer_without_a_bundle_path_is_refused(store: Store) -
         (lambda m: m.train("alice", on_progress=5), "on_progress"),
         (lambda m: m.train("alice", cancel="stop"), "cancel"),
         (lambda m: m.save_shared("shared\0.safetensors"), "NUL"),
+        (lambda m: m.install_shared({1: np.zeros(3), "global.head.b": np.zeros(3)}), "name"),
+        (lambda m: m.shared_update("alice", ["global.head.b", 3]), "names"),
     ],
-    ids=["one-example", "generator", "array", "feedback-str", "progress", "cancel", "nul-path"],
+    ids=[
+        "one-example",
+        "generator",
+        "array",
+        "feedback-str",
+        "progress",
+        "cancel",
+        "nul-path",
+        "mixed-keys",
+        "mixed-names",
+    ],
 )
 def test_arguments_of_the_wrong_kind_are_refused_before_any_work(
     classifier: Personalizer,
