@@ -7,6 +7,8 @@ stores its float32 updates. Both are deleted when the round ends.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
 
 import sqlalchemy as sa
@@ -135,12 +137,25 @@ privacy = sa.Table(
 )
 
 
+def _create_private(database: str | None) -> None:
+    """Create a new SQLite file readable by its owner only, whatever the umask: it holds
+    token hashes, masked uploads and per-persona sums. SQLite gives the -wal and -shm files
+    the main file's permissions."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    # An existing database keeps the permissions its operator gave it; a folder that does not
+    # exist is left for SQLite to report as it always has.
+    with contextlib.suppress(OSError):
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def connect(url: str, *, sqlite_synchronous: str = "NORMAL") -> sa.Engine:
     """An engine with the tables created; SQLite in WAL mode with foreign keys on."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     engine = sa.create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
+        _create_private(engine.url.database)
 
         @event.listens_for(engine, "connect")
         def _pragmas(connection: Any, _record: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -473,3 +474,20 @@ def test_a_secure_round_no_device_can_encode_is_refused_when_it_is_created(
         coordinator.create_round(huge)
     assert coordinator.task(app_id) is None  # nothing was opened; a plain round may run
     coordinator.create_round(dataclasses.replace(huge, secure=False))
+
+
+def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """It holds token hashes, masked uploads and per-persona sums; a umask of 022 made it,
+    and its WAL, world-readable."""
+    old = os.umask(0o022)
+    try:
+        database = tmp_path / "fresh.db"
+        coordinator = Coordinator(
+            CoordinatorConfig(admin_token=ADMIN_TOKEN, database_url=f"sqlite:///{database}")
+        )
+        _app(coordinator)  # a write: the WAL file exists now
+    finally:
+        os.umask(old)
+    made = [p for p in tmp_path.iterdir() if p.name.startswith("fresh.db")]
+    assert database in made and len(made) >= 2
+    assert {p.name: p.stat().st_mode & 0o777 for p in made} == {p.name: 0o600 for p in made}
