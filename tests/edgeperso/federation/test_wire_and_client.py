@@ -6,6 +6,7 @@ import contextlib
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -106,8 +107,8 @@ LAYOUT = PersonaLayout(
 )
 
 
-def _task(**overrides: object) -> RoundTask:
-    model = {
+def _task(model: dict[str, Any] | None = None, **overrides: object) -> RoundTask:
+    model = model or {
         "bias": np.zeros(3, np.float32),
         "lora_a": np.ones((4, 2), np.float32),
         "persona/0/lora_b": np.zeros((2, 3), np.float32),
@@ -207,16 +208,4 @@ def test_a_layout_or_model_of_the_wrong_kind_is_a_typed_error() -> None:
     with pytest.raises(InvalidInputError, match="invalid parameter layout"):
         PersonaLayout.from_json({**LAYOUT.to_json(), "num_personas": float("inf")})
     with pytest.raises(InvalidInputError, match="numpy arrays"):
-        RoundTask.from_json(
-            {
-                "round_id": "r",
-                "model_version": 0,
-                **LAYOUT.to_json(),
-                "clip_norm": 1.0,
-                "summary_clip": 1.0,
-                "weight_cap": None,
-                "secure": True,
-                "fixed_point_scale": 2.0**20,
-            },
-            {"bias": [0.0, 0.0, 0.0], "centroids": [[1.0, 0.0], [0.0, 1.0]]},  # type: ignore[dict-item]
-        )
+        _task({"bias": [0.0, 0.0, 0.0], "centroids": [[1.0, 0.0], [0.0, 1.0]]})
