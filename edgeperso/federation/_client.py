@@ -33,7 +33,7 @@ from edgeperso._errors import (
     UnsupportedError,
 )
 from edgeperso.federation._layout import PersonaLayout
-from edgeperso.federation._protocol import SecAggClient
+from edgeperso.federation._protocol import SecAggClient, TooFewSurvivorsError
 from edgeperso.federation._secagg import encode_fixed_point
 from edgeperso.federation._state import StateStore
 from edgeperso.federation._update import (
@@ -152,6 +152,7 @@ class FederationClient:
     ) -> None:
         self._config = config
         self._state = state
+        self._bearer: str | None = None  # the saved credential, read once (enrol() resets it)
         self._http = httpx.Client(
             base_url=config.coordinator_url,
             timeout=config.request_timeout_s,
@@ -240,6 +241,7 @@ class FederationClient:
         no longer knows the device (its database was replaced, or the app registered again);
         a round the device had joined is then missed."""
         self._state.delete(_CREDENTIAL)
+        self._bearer = None
         self._credential()
 
     def latest(self, summary: np.ndarray) -> tuple[int, dict[str, np.ndarray]]:
@@ -356,19 +358,12 @@ class FederationClient:
                 )
                 with _from_coordinator("survivors list"):
                     survivors = [_index(v) for v in listed["survivors"]]
-                standing = len(set(survivors) & set(secagg.peers))
-                if secagg.index in survivors and standing < secagg.threshold:
-                    # Too many neighbours dropped: the round cannot complete, and revealing
-                    # would only hand out shares. This device leaves the round.
-                    logger.info(
-                        "round %s: %d neighbours survived, fewer than %d",
-                        rid,
-                        standing,
-                        secagg.threshold,
-                    )
-                    raise _StageClosedError
                 with _from_coordinator("survivors list"):
-                    revealed = secagg.reveal(survivors)
+                    try:
+                        revealed = secagg.reveal(survivors)
+                    except TooFewSurvivorsError as exc:  # it leaves a round that cannot end
+                        logger.info("round %s: %s", rid, exc)
+                        raise _StageClosedError from None
                 # Saved before it is sent: a resumed device sends these same shares again,
                 # never the other kind for a neighbour (secagg also refuses a second list).
                 record["revealed"] = [
@@ -445,6 +440,8 @@ class FederationClient:
         self._save(record, payload)
 
     def _credential(self) -> str:
+        if self._bearer is not None:  # not a state read (a decryption) per request
+            return self._bearer
         saved = self._state.get(_CREDENTIAL)
         if saved is None:
             body = {"app_id": self._config.app_id, "enrolment_key": self._config.enrolment_key}
@@ -468,6 +465,7 @@ class FederationClient:
                 "this device's saved federation credential is unreadable; "
                 "FederationClient.enrol() enrols it again"
             )
+        self._bearer = bearer
         return bearer
 
     def _request(self, method: str, path: str, *, octet: bool = False, **kwargs: Any) -> _Reply:

@@ -39,6 +39,11 @@ def _share_aad(round_id: str, sender: int, recipient: int) -> bytes:
     return f"edgeperso/secagg/share|{round_id}|{sender}|{recipient}".encode()
 
 
+class TooFewSurvivorsError(InvalidInputError):
+    """Fewer than the threshold of a device's neighbours survived: its round cannot complete,
+    and it reveals nothing."""
+
+
 @dataclasses.dataclass
 class SecAggClient:
     """One device's secrets and progress in one round; lives only until the round ends."""
@@ -148,7 +153,7 @@ class SecAggClient:
             )
         standing = len(alive & set(self.peers))
         if standing < self.threshold:
-            raise InvalidInputError(
+            raise TooFewSurvivorsError(
                 f"only {standing} of this device's neighbours survived, fewer than the "
                 f"threshold {self.threshold}: the round cannot complete; nothing revealed"
             )

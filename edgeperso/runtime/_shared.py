@@ -262,7 +262,7 @@ def save_shared_file(
     """Write `params` to `path` (safetensors) with the bundle identity they belong to and
     `metadata`; atomically (a temporary file renamed over `path`). Returns the file's
     SHA-256 (hex)."""
-    _check_path(path)
+    check_path(path)
     if metadata is not None and not isinstance(metadata, Mapping):
         raise InvalidInputError("metadata must map str to str")
     extra = dict(metadata or {})
@@ -282,16 +282,12 @@ def save_shared_file(
     return sha256_file(target)
 
 
-def _check_path(path: object) -> None:
-    check_path(path)
-
-
 def load_shared_file(
     path: str | os.PathLike[str], bundle_identity: str
 ) -> tuple[Params, dict[str, str]]:
     """(parameters, metadata) of a file `save_shared_file` wrote for this bundle identity.
     InvalidInputError when it is missing, not such a file, or made for another bundle."""
-    _check_path(path)
+    check_path(path)
     source = Path(path)
     if not source.is_file():
         raise InvalidInputError(f"{source}: no such file (write one with save_shared)")
