@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from edgeperso._atomic import write_atomically
 from edgeperso._errors import CancelledError, EdgePersoError, InvalidInputError, UnsupportedError
 
 USAGE_ERROR = 2  # argparse's exit status for a bad command line; typed errors use it too
@@ -290,7 +291,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         on_progress = None if advance is None else (lambda e: advance(e.stage, e.done, e.total))
         report = evaluate(rows, args.bundle, config, on_progress=on_progress)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    # Whole or not at all, and owner-only (mkstemp's 0600): the report lists the data's user ids.
+    text = json.dumps(report.to_json(), indent=2) + "\n"
+    write_atomically(args.out / "report.json", lambda out: out.write(text.encode("utf-8")))
     written = [args.out / "report.json"]
     if not args.no_plots:
         try:

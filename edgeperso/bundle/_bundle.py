@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,21 +29,38 @@ def sha256_file(path: Path) -> str:
 
 
 class Bundle:
-    """A verified bundle directory. Construct it with `Bundle.load(path)`."""
+    """A verified bundle directory. Construct it with `Bundle.load(path)`.
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
+    `sha256` is the SHA-256 of the bundle's `manifest.json`. The manifest holds the hash of
+    every other file, so this one digest names the whole bundle: the exporter prints it, and
+    an app that pins it (`Bundle.load(path, sha256=...)`) runs only the bundle it shipped.
+    """
+
+    def __init__(self, root: Path, manifest: Manifest, sha256: str) -> None:
         self.root = root
         self.manifest = manifest
+        self.sha256 = sha256
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Bundle:
+    def load(cls, path: str | os.PathLike[str], *, sha256: str | None = None) -> Bundle:
         """Read `manifest.json` and verify the size and sha256 of every file it lists.
 
-        Raises InvalidInputError if `path` is not a bundle directory, UnsupportedError if
-        the bundle's schema is newer than this runtime, and BundleIntegrityError if any file
-        is missing, truncated or modified.
+        With `sha256` (the digest `edgeperso-export` printed, 64 hex digits), the manifest
+        itself must have that digest too, so no file of the bundle, the manifest included,
+        can be edited or swapped for another export's.
+
+        Raises InvalidInputError if `path` is not a bundle directory or `sha256` is not a
+        digest, UnsupportedError if the bundle's schema is newer than this runtime, and
+        BundleIntegrityError if any file is missing, truncated or modified.
         """
         root = check_path(path, "bundle path")
+        if sha256 is not None and not (
+            isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)
+        ):
+            raise InvalidInputError(
+                "sha256 must be the bundle digest edgeperso-export printed: 64 lowercase hex "
+                f"digits, not {sha256!r:.80}"
+            )
         if not root.is_dir():
             raise InvalidInputError(f"bundle path {str(root)!r} is not a directory")
         manifest_path = root / MANIFEST
@@ -51,7 +69,17 @@ class Bundle:
                 f"{str(root)!r} has no {MANIFEST}; point Bundle.load at an exported bundle"
             )
         try:
-            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+            raw = manifest_path.read_bytes()
+        except OSError as exc:
+            raise EdgePersoError(f"cannot read {MANIFEST} in {str(root)!r}: {exc}") from exc
+        digest = hashlib.sha256(raw).hexdigest()
+        if sha256 is not None and digest != sha256:
+            raise BundleIntegrityError(
+                f"{MANIFEST} in {str(root)!r} has sha256 {digest}, not the pinned {sha256}: "
+                "another export, or an edited one; ship the bundle the app was built with"
+            )
+        try:
+            data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleIntegrityError(
                 f"{MANIFEST} in {str(root)!r} is not valid JSON ({exc}); re-export the bundle"
@@ -65,7 +93,7 @@ class Bundle:
         missing = required - {f.path for f in manifest.files}
         if missing:
             raise BundleIntegrityError(f"the manifest does not list {sorted(missing)}")
-        return cls(root, manifest)
+        return cls(root, manifest, digest)
 
     def path_of(self, name: str) -> Path:
         """Path of a verified bundle file."""

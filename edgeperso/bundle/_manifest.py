@@ -7,9 +7,12 @@ definition of its schema. Every dataclass round-trips through `to_json()` / `fro
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import types
+import typing
 from collections.abc import Mapping
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, cast, get_args, get_origin
 
 from edgeperso._errors import InvalidInputError, UnsupportedError
 
@@ -26,9 +29,78 @@ ROLES: tuple[str, ...] = get_args(Role)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+_MAX_INT = 1 << 53  # JSON's exact integers; file sizes are the largest ints a manifest holds
+_MAX_DIM = 1 << 24  # no tensor dimension or token count comes near this
+
+
 def _require(ok: bool, what: str) -> None:
     if not ok:
         raise InvalidInputError(f"invalid bundle manifest: {what}")
+
+
+def _check_fields(entry: Any) -> None:
+    """Every field of a manifest dataclass has its annotated type, exactly.
+
+    JSON gives loose types (1.0 for 1, true for 1, "ab" for a list of labels) and the
+    manifest is the one file of a bundle that no hash covers, so nothing is coerced: a value
+    of the wrong type is an edited or foreign manifest, and loading stops here rather than
+    inside onnxruntime or numpy.
+    """
+    hints = typing.get_type_hints(type(entry))
+    for field in dataclasses.fields(entry):
+        value = getattr(entry, field.name)
+        if not _conforms(value, hints[field.name]):
+            raise InvalidInputError(
+                f"invalid bundle manifest: {type(entry).__name__}.{field.name} is "
+                f"{_shown(value)}, not {_type_name(hints[field.name])}; re-export the bundle"
+            )
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return isinstance(value, str) and value in get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arm) for arm in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        item = get_args(hint)[0]
+        return isinstance(value, tuple) and all(_conforms(v, item) for v in value)
+    if origin is Mapping:
+        key, item = get_args(hint)
+        return isinstance(value, Mapping) and all(
+            _conforms(k, key) and _conforms(v, item) for k, v in value.items()
+        )
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # bool is an int to Python, never to a manifest
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _MAX_INT
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str) and "\0" not in value
+    return isinstance(value, hint)
+
+
+def _check_dims(owner: str, **dims: int) -> None:
+    for name, value in dims.items():
+        _require(1 <= value <= _MAX_DIM, f"{owner}.{name} is {value}, not in 1..{_MAX_DIM}")
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    if hint is str:
+        return "str without NUL characters"
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +112,11 @@ class FileEntry:
     size: int
 
     def __post_init__(self) -> None:
-        _require("/" not in self.path and ".." not in self.path, f"file path {self.path!r}")
+        _check_fields(self)
+        _require(
+            self.path not in ("", ".", "..") and not any(c in self.path for c in "/\\:\0"),
+            f"file path {self.path!r} is not a plain file name in the bundle",
+        )
         _require(bool(_SHA256.match(self.sha256)), f"sha256 of {self.path!r} is not hex")
         _require(self.size >= 0, f"size of {self.path!r} is negative")
 
@@ -65,11 +141,12 @@ class ParamSpec:
     slot: str | None = None  # for LoRA params: the LoRA slot they compose into
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         _require(bool(self.name), "parameter without a name")
-        _require(self.level in LEVELS, f"level {self.level!r} of {self.name}")
-        _require(self.role in ROLES, f"role {self.role!r} of {self.name}")
-        _require(all(d > 0 for d in self.shape), f"shape {self.shape} of {self.name}")
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        _require(
+            bool(self.shape) and all(1 <= d <= _MAX_DIM for d in self.shape),
+            f"shape {self.shape} of {self.name}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +165,11 @@ class LoraSlot:
     a_input: str
     b_input: str
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _check_dims("slot", in_features=self.in_features, out_features=self.out_features)
+        _require(0 <= self.rank <= _MAX_DIM, f"rank {self.rank} of slot {self.module}")
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
@@ -97,6 +179,12 @@ class LoraSpec:
     target_modules: tuple[str, ...]
     layers: tuple[int, ...]  # encoder layers that carry adapters (upper layers by default)
     shared_a_seed: int  # the frozen shared A is drawn from this seed, the same on every device
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _require(1 <= self.r_user <= _MAX_DIM, f"lora.r_user {self.r_user}")
+        _require(0 <= self.r_shared <= _MAX_DIM, f"lora.r_shared {self.r_shared}")
+        _require(math.isfinite(self.alpha) and self.alpha > 0, f"lora.alpha {self.alpha}")
 
     @property
     def scaling(self) -> float:
@@ -111,6 +199,15 @@ class UserEmbeddingSpec:
     history_size: int  # history slots fed to the graphs (padded + masked)
     mlp_hidden: int
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _check_dims(
+            "user_embedding",
+            dim=self.dim,
+            history_size=self.history_size,
+            mlp_hidden=self.mlp_hidden,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationSpec:
@@ -124,6 +221,9 @@ class QuantizationSpec:
     # rest of its batch. When the export measured that, the runtime runs texts one by one.
     batch_invariant: bool
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainGraph:
@@ -132,6 +232,10 @@ class TrainGraph:
     file: str
     batch_size: int
     seq_len: int
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _check_dims("train graph", batch_size=self.batch_size, seq_len=self.seq_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +253,13 @@ class TrainSpec:
     # of anchor i (same group, j != i); none: no train graph (bundles before it existed)
     loss: Literal["weighted_cross_entropy", "weighted_mse", "supervised_contrastive", "none"]
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _require(
+            (self.loss == "none") == (not self.graphs),
+            f"train.loss {self.loss!r} with {len(self.graphs)} train graphs",
+        )
+
     def graph_for(self, seq_len: int) -> TrainGraph:
         """The smallest exported sequence-length bucket that fits `seq_len` tokens."""
         fitting = [g for g in self.graphs if g.seq_len >= seq_len]
@@ -164,6 +275,9 @@ class ParityCheck:
     threshold: float
     higher_is_better: bool
     passed: bool
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,14 +304,36 @@ class Manifest:
     parity: tuple[ParityCheck, ...]
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if self.schema_version > SCHEMA_VERSION:
             raise UnsupportedError(
                 f"bundle schema version {self.schema_version} is newer than this runtime "
                 f"supports ({SCHEMA_VERSION}); upgrade edgeperso"
             )
         _require(self.schema_version == SCHEMA_VERSION, f"schema {self.schema_version}")
-        _require(self.task in TASKS, f"task {self.task!r}")
-        _require(self.task != "classification" or len(self.labels) >= 2, "labels")
+        _check_dims(
+            "manifest",
+            max_length=self.max_length,
+            hidden_size=self.hidden_size,
+            output_size=self.output_size,
+        )
+        if self.task == "classification":
+            _require(
+                len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels),
+                f"labels {list(self.labels)[:8]}: a classifier needs two or more distinct ones",
+            )
+            _require(
+                self.output_size == len(self.labels),
+                f"output_size {self.output_size} for {len(self.labels)} labels",
+            )
+            _require(all(self.labels), "an empty label")
+        elif self.task == "regression":
+            _require(self.output_size == 1, f"output_size {self.output_size} for regression")
+        else:
+            _require(
+                self.output_size == self.hidden_size,
+                f"output_size {self.output_size} for embeddings of {self.hidden_size}",
+            )
         names = [p.name for p in self.params]
         _require(len(names) == len(set(names)), "duplicate parameter names")
         files = {f.path for f in self.files}
@@ -219,38 +355,44 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Manifest:
+        if not isinstance(data, Mapping):
+            raise InvalidInputError("invalid bundle manifest: not a JSON object")
         try:
-            version = int(data["schema_version"])
-            if version > SCHEMA_VERSION:
+            version = data["schema_version"]
+            newer = isinstance(version, int) and version > SCHEMA_VERSION
+            if newer and not isinstance(version, bool):
                 raise UnsupportedError(
-                    f"bundle schema version {version} is newer than this runtime supports "
-                    f"({SCHEMA_VERSION}); upgrade edgeperso"
+                    f"bundle schema version {version} is newer than this runtime "
+                    f"supports ({SCHEMA_VERSION}); upgrade edgeperso"
                 )
             ue = data.get("user_embedding")
+            train = data["train"]
+            if not isinstance(train, Mapping):
+                raise InvalidInputError("invalid bundle manifest: train is not an object")
             return cls(
                 schema_version=version,
                 task=data["task"],
-                labels=tuple(data["labels"]),
-                max_length=int(data["max_length"]),
+                labels=_list(data, "labels"),
+                max_length=data["max_length"],
                 pooling=data["pooling"],
-                normalize=bool(data["normalize"]),
-                hidden_size=int(data["hidden_size"]),
-                output_size=int(data["output_size"]),
-                source=str(data["source"]),
-                architecture=str(data["architecture"]),
-                tokenizer=str(data["tokenizer"]),
-                files=tuple(FileEntry(**f) for f in data["files"]),
-                versions=dict(data["versions"]),
+                normalize=data["normalize"],
+                hidden_size=data["hidden_size"],
+                output_size=data["output_size"],
+                source=data["source"],
+                architecture=data["architecture"],
+                tokenizer=data["tokenizer"],
+                files=tuple(_build(FileEntry, f) for f in _list(data, "files")),
+                versions=data["versions"],
                 quantization=_build(QuantizationSpec, data["quantization"]),
                 lora=_build(LoraSpec, data["lora"]),
                 user_embedding=None if ue is None else _build(UserEmbeddingSpec, ue),
-                slots=tuple(_build(LoraSlot, s) for s in data["slots"]),
-                params=tuple(_build(ParamSpec, p) for p in data["params"]),
+                slots=tuple(_build(LoraSlot, s) for s in _list(data, "slots")),
+                params=tuple(_build(ParamSpec, p) for p in _list(data, "params")),
                 train=TrainSpec(
-                    graphs=tuple(_build(TrainGraph, g) for g in data["train"]["graphs"]),
-                    loss=data["train"]["loss"],
+                    graphs=tuple(_build(TrainGraph, g) for g in _list(train, "graphs")),
+                    loss=train["loss"],
                 ),
-                parity=tuple(_build(ParityCheck, c) for c in data["parity"]),
+                parity=tuple(_build(ParityCheck, c) for c in _list(data, "parity")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, InvalidInputError):
@@ -258,6 +400,15 @@ class Manifest:
             raise InvalidInputError(
                 f"invalid bundle manifest ({type(exc).__name__}: {exc}); re-export the bundle"
             ) from exc
+
+
+def _list(data: Mapping[str, Any], key: str) -> tuple[Any, ...]:
+    value = data[key]
+    if not isinstance(value, list):
+        raise InvalidInputError(
+            f"invalid bundle manifest: {key} is {_shown(value)}, not a list; re-export the bundle"
+        )
+    return tuple(value)
 
 
 def _build(cls: type[Any], data: Mapping[str, Any]) -> Any:

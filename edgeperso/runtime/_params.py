@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from edgeperso._errors import IntegrityError, InvalidInputError
-from edgeperso.bundle import Manifest, ParamSpec
+from edgeperso.bundle import Manifest, ParamSpec, TrainGraph
 
 Params = dict[str, np.ndarray]
 LORA_LEVELS = ("user", "persona", "global")  # concatenation order along the rank axis
@@ -64,6 +64,35 @@ def infer_feeds(manifest: Manifest, params: Mapping[str, np.ndarray]) -> Params:
         if spec.role not in ("lora_a", "lora_b"):
             feeds[spec.name] = params[spec.name]
     return feeds
+
+
+def infer_shapes(manifest: Manifest) -> dict[str, tuple[int | None, ...]]:
+    """What infer.onnx must take and give, by the manifest (None: batch or sequence)."""
+    shapes: dict[str, tuple[int | None, ...]] = {
+        "features": (None, manifest.hidden_size),
+        "output": (None, manifest.output_size),
+    }
+    for slot in manifest.slots:
+        shapes[slot.a_input] = (slot.in_features, slot.rank)
+        shapes[slot.b_input] = (slot.rank, slot.out_features)
+    if manifest.user_embedding is not None:
+        shapes["history"] = (None, manifest.hidden_size)
+    # The head, MLP, user vector and biases are fed by name; LoRA params go through slots.
+    fed = {s.name: s.shape for s in manifest.params if s.slot is None}
+    return shapes | fed
+
+
+def train_shapes(manifest: Manifest, graph: TrainGraph) -> dict[str, tuple[int | None, ...]]:
+    """What a train-step graph must take, by the manifest."""
+    shapes: dict[str, tuple[int | None, ...]] = {
+        "prefix": (graph.batch_size, graph.seq_len, manifest.hidden_size),
+        "loss": (),
+    }
+    for spec in manifest.params:
+        if spec.trainable:
+            shapes[spec.name] = spec.shape
+            shapes[f"grad.{spec.name}"] = spec.shape
+    return shapes
 
 
 def check_params(specs: tuple[ParamSpec, ...], params: Mapping[str, np.ndarray]) -> None:

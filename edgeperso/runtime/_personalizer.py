@@ -147,6 +147,7 @@ class Personalizer:
         self.store = store
         self._options = options
         self._infer = Graph(bundle.path_of(INFER_GRAPH), options)
+        self._infer.expect(_params.infer_shapes(self.manifest))
         self._train_graphs: dict[str, Graph] = {}
         self._encoder = TextEncoder(
             bundle.path_of(self.manifest.tokenizer), self.manifest.max_length
@@ -1110,7 +1111,10 @@ class Personalizer:
 
     def _train_graph(self, name: str) -> Graph:
         if name not in self._train_graphs:
-            self._train_graphs[name] = Graph(self.bundle.path_of(name), self._options)
+            graph = Graph(self.bundle.path_of(name), self._options)
+            spec = next(g for g in self.manifest.train.graphs if g.file == name)
+            graph.expect(_params.train_shapes(self.manifest, spec))
+            self._train_graphs[name] = graph
         return self._train_graphs[name]
 
     def _zero_user(self) -> Params:

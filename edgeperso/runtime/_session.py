@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeperso._errors import InvalidInputError
+from edgeperso._errors import BundleIntegrityError, InvalidInputError
 from edgeperso._onnxruntime import ort
 
 Feeds = Mapping[str, np.ndarray]
+Shape = tuple[int | None, ...]  # None: a dimension that is not checked (batch, sequence)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,41 @@ class Graph:
         overridable = self._session.get_overridable_initializers()
         self.inputs = frozenset(i.name for i in [*self._session.get_inputs(), *overridable])
         self.outputs = tuple(o.name for o in self._session.get_outputs())
+        self.path = path
+        self._shapes = {
+            node.name: tuple(d if isinstance(d, int) else None for d in node.shape)
+            for node in [*self._session.get_inputs(), *overridable, *self._session.get_outputs()]
+        }
+
+    def expect(self, shapes: Mapping[str, Shape]) -> None:
+        """Check that the graph has these inputs/outputs with these static dimensions.
+
+        The manifest says what the graphs take; a manifest edited after export (it is the
+        one file no hash in it covers) or a graph from another export would otherwise fail
+        inside onnxruntime at the first prediction, or silently read the wrong outputs.
+        """
+        wrong = []
+        for name, want in shapes.items():
+            have = self._shapes.get(name)
+            if have is None:
+                wrong.append(f"{name} is missing")
+            elif len(have) != len(want) or any(
+                h is not None and w is not None and h != w for h, w in zip(have, want, strict=True)
+            ):
+                wrong.append(
+                    f"{name} is {_shape(have)} in the graph, {_shape(want)} in the manifest"
+                )
+        if wrong:
+            raise BundleIntegrityError(
+                f"{self.path.name} does not match the bundle manifest: {'; '.join(wrong[:3])}"
+                f"{f' (and {len(wrong) - 3} more)' if len(wrong) > 3 else ''}; re-export "
+                "the bundle"
+            )
 
     def run(self, outputs: Sequence[str], feeds: Feeds) -> list[np.ndarray]:
         fed = {k: v for k, v in feeds.items() if k in self.inputs}
         return list(self._session.run(list(outputs), fed))
+
+
+def _shape(shape: Shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from edgeperso._errors import InvalidInputError
+from edgeperso._errors import BundleIntegrityError, InvalidInputError
 from edgeperso.store._codec import check_unicode
 
 
@@ -22,7 +22,12 @@ class Encoded:
 
 class TextEncoder:
     def __init__(self, path: Path, max_length: int) -> None:
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise BundleIntegrityError(
+                f"the bundle's tokenizer {path.name!r} cannot be read ({exc}); re-export the bundle"
+            ) from exc
         self._tok.no_padding()
         self._tok.enable_truncation(max_length)
         self.max_length = max_length

@@ -9,9 +9,10 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from edgeperso import EdgePersoError
-from edgeperso.bundle import Manifest
+from edgeperso.bundle import MANIFEST, Manifest, sha256_file
 from edgeperso_export._config import ExportConfig, ParityThresholds
 from edgeperso_export._export import STAGES, export_bundle
 
@@ -57,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing bundle (or an empty folder); nothing else is replaced",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress output; print only the digest"
+    )
     return p
 
 
@@ -88,11 +91,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgePersoError as exc:
         print(f"edgeperso-export: error: {exc}", file=sys.stderr)
         return 2
-    if not args.quiet:
-        for check in manifest.parity:
-            mark = "ok " if check.passed else "!! "
-            print(f"  {mark}{check.name:26s} {check.value:.6g}  (threshold {check.threshold})")
-        print(f"bundle written to {args.output}")
+    # The bundle's digest: manifest.json holds every other file's hash, so its own names all.
+    digest = sha256_file(Path(args.output) / MANIFEST)
+    if args.quiet:
+        print(digest)  # the one line a build script reads: DIGEST=$(edgeperso-export ... -q)
+        return 0
+    for check in manifest.parity:
+        mark = "ok " if check.passed else "!! "
+        print(f"  {mark}{check.name:26s} {check.value:.6g}  (threshold {check.threshold})")
+    print(f"bundle written to {args.output}")
+    print(f"bundle sha256 {digest}  (pin it: Bundle.load(path, sha256=...))")
     return 0
 
 

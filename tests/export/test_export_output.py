@@ -4,6 +4,7 @@ and what the finished folder looks like. The build itself is stubbed: these are 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -186,6 +187,15 @@ def test_output_that_appears_during_the_export_is_not_replaced(
         export_bundle("model", out, CONFIG)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert _hidden(tmp_path) == []
+
+
+def test_quiet_cli_prints_only_the_bundle_digest(
+    tmp_path: Path, stub_build: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bundle"
+    assert cli_main(["model", str(out), "--task", "embedding", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest() + "\n"
 
 
 # -- the finished folder, and what an interrupted export leaves -------------------------

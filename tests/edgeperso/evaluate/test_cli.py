@@ -23,6 +23,7 @@ def test_evaluate_writes_the_json_report_and_the_plots(
     args = ["evaluate", str(annotations_csv), str(noyes_bundle), "--out", str(out), *head]
     assert main([*args, *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert (out / "report.json").stat().st_mode & 0o777 == 0o600  # it lists user ids
     assert report["data"]["evaluated_users"] == 2
     assert report["config"]["head_l2"] == [0.5, 2.0]
     assert report["config"]["head_class_weighting"] == [False]
