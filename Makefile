@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml export/pyproject.toml federated/pyproject.toml requirem
 		federated/requirements-flower.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned. Where pip's index serves torch's CPU build (as on the project's
-	# machines) that is what it gets; elsewhere plain PyPI serves the CUDA build (several GB):
+	# torch first and pinned. Where pip's index serves torch's CPU build (a local
+	# mirror) that is what it gets; elsewhere plain PyPI serves the CUDA build (several GB):
 	# `make TORCH_INDEX=https://download.pytorch.org/whl/cpu demo` takes the CPU wheel instead.
 	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[cli,plots]' -e ./export -e './federated[postgres]' -r requirements-dev.txt

@@ -8,7 +8,7 @@ device, and every test text is given the group of its most cosine-similar traini
 once with the shared model and once with the user's parameters (what `embed()` serves).
 Reported: per-user macro-F1 of those groups, what train() kept, seconds.
 
-    python benchmarks/bench_embedding_training.py BUNDLE --data ../shared/data/studemo \
+    python benchmarks/bench_embedding_training.py BUNDLE --data studemo/ \
         --users 6 --label-column anger --label-map "x>0"
 
 BUNDLE: `edgeperso-export <model> BUNDLE --task embedding` (this script does not export).
@@ -50,7 +50,9 @@ def nearest_group_f1(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/studemo"))
+    parser.add_argument(
+        "--data", type=Path, required=True, help="StudEmo folder (annotation_data.csv, ...)"
+    )
     parser.add_argument(
         "--users", type=int, default=6, help="the first N users by id, in string order"
     )

@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         "--global-params",
         type=Path,
         help="load the global level from a file --save-global wrote on the same data, "
-        "split and bundle, instead of fitting it (skips --global-epochs' training)",
+        "split and bundle, instead of fitting it (not with --global-epochs)",
     )
     ev.add_argument(
         "--knn-k",

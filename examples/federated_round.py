@@ -5,11 +5,11 @@ directory), sets up an app with the operator's client (`AdminClient`), and runs 
 as its own OS process with its own encrypted store and Personalizer on the real
 all-MiniLM-L6-v2 bundle. In each round a device refits the shared head on its own labelled
 texts (`Personalizer.shared_update`), contributes the clipped delta under secure aggregation
-with DP noise (`FederationClient.contribute`), installs the published global and persona
+(with DP noise when `--noise-multiplier` is given; `FederationClient.contribute`), installs the published global and persona
 parameters (`install_shared`) and measures the shared model on texts it held out.
 
     python examples/federated_round.py                                    # generated users
-    python examples/federated_round.py --studemo ../shared/data/studemo   # StudEmo annotators
+    python examples/federated_round.py --studemo studemo/   # StudEmo annotators
 """
 
 from __future__ import annotations

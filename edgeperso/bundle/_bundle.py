@@ -51,7 +51,8 @@ class Bundle:
 
         Raises InvalidInputError if `path` is not a bundle directory or `sha256` is not a
         digest, UnsupportedError if the bundle's schema is newer than this runtime, and
-        BundleIntegrityError if any file is missing, truncated or modified.
+        BundleIntegrityError if any file is missing, truncated or modified, or the manifest
+        has a field of the wrong type or out of range (the message names it).
         """
         root = check_path(path, "bundle path")
         if sha256 is not None and not (
@@ -86,7 +87,10 @@ class Bundle:
             ) from exc
         if not isinstance(data, dict):
             raise BundleIntegrityError(f"{MANIFEST} in {str(root)!r} is not a JSON object")
-        manifest = Manifest.from_json(data)
+        try:
+            manifest = Manifest.from_json(data)
+        except InvalidInputError as exc:  # a manifest on disk that fails is an edited file
+            raise BundleIntegrityError(f"{MANIFEST} in {str(root)!r}: {exc}") from exc
         for entry in manifest.files:
             _verify(root, entry.path, entry.size, entry.sha256)
         required = {INFER_GRAPH, PARAMS_FILE}

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from edgeperso._errors import InvalidInputError
 from edgeperso.store import Store
+from edgeperso.store._codec import FEDERATION_ACCOUNT
 
 _KEY = re.compile(r"[a-z0-9_-][a-z0-9_.-]{0,63}")  # a file name: no "." or ".." first
 
@@ -83,7 +84,7 @@ class SealedStateStore:
     shredded with `Store.forget_user(account)`.
     """
 
-    def __init__(self, store: Store, account: str = "__edgeperso_federation__") -> None:
+    def __init__(self, store: Store, account: str = FEDERATION_ACCOUNT) -> None:
         self._store = store
         self._account = account
 

@@ -46,7 +46,7 @@ from edgeperso.runtime._trainer import (
     stratified_folds,
 )
 from edgeperso.store import Example, Feedback, KeyProvider, Store
-from edgeperso.store._codec import check_user
+from edgeperso.store._codec import FEDERATION_ACCOUNT, check_user
 from edgeperso.store._package import open_package, seal_package
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,11 @@ ADAPTER_PACKAGE = "edgeperso.adapter/1"  # the kind of sealed package export_ada
 CHECKPOINT = "train-checkpoint"  # optimizer state of an unfinished train() call
 CORRECTION = "correction"  # a feedback event that relabels an example
 SHARED_USER = "__edgeperso_shared__"  # persona/global parameters installed by federation
+# Store accounts the SDK keeps beside the app's users: never listed or accepted as a user.
+_RESERVED_USERS = {
+    SHARED_USER: "the installed persona/global parameters",
+    FEDERATION_ACCOUNT: "the federation client's sealed state (SealedStateStore)",
+}
 # Beside the arrays of every stored adapter, checkpoint and shared-parameter blob: the
 # bundle_identity they were made for. What another bundle made is not used (an app update
 # that ships a new export): its shapes may match and its meaning not.
@@ -227,9 +232,9 @@ class Personalizer:
         return self.store.add_feedback(user, events)
 
     def users(self) -> list[str]:
-        """The app's users with data in the store, sorted (Store.users() without the id
-        under which installed shared parameters are kept)."""
-        return [u for u in self.store.users() if u != SHARED_USER]
+        """The app's users with data in the store, sorted (Store.users() without the
+        accounts under which the SDK keeps shared parameters and federation state)."""
+        return [u for u in self.store.users() if u not in _RESERVED_USERS]
 
     def forget(self, user: str, *, wait_s: float = 60.0) -> bool:
         """Crypto-shred everything about `user`: examples, embeddings, adapter, checkpoints,
@@ -1342,10 +1347,9 @@ def _as_list(items: object, what: str, kind: type) -> list[Any]:
 
 def _check_app_user(user: object) -> None:
     check_user(user)
-    if user == SHARED_USER:
+    if user in _RESERVED_USERS:
         raise InvalidInputError(
-            f"the user id {SHARED_USER!r} is reserved: this store keeps the installed "
-            "persona/global parameters under it"
+            f"the user id {user!r} is reserved: this store keeps {_RESERVED_USERS[user]} under it"
         )
 
 

@@ -139,6 +139,10 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainProgress:
+    """One optimizer step of the adapter stage (or of train_shared), passed to on_progress:
+    the step and the planned total, the epoch, the micro-batch loss and seconds since start.
+    The head stage is a closed-form fit and reports no steps."""
+
     step: int
     total_steps: int
     epoch: int

@@ -24,6 +24,7 @@ import numpy as np
 from edgeperso._errors import InvalidInputError, TamperedError
 
 __all__ = [
+    "FEDERATION_ACCOUNT",
     "FORMAT_VERSION",
     "Example",
     "Feedback",
@@ -75,6 +76,11 @@ def check_unicode(text: str, where: str) -> None:
             f"{where} holds a lone surrogate, which is not valid Unicode; decode its source "
             "with errors='replace'"
         ) from None
+
+
+# The federation client's sealed state lives under this account of the store, beside the
+# app's users (the runtime leaves it out of Personalizer.users() and refuses it as a user).
+FEDERATION_ACCOUNT = "__edgeperso_federation__"
 
 
 def check_user(user: object) -> str:

@@ -76,8 +76,9 @@ class PassphraseKey(KeyProvider):
     """A KEK stretched from a passphrase with Argon2id (scrypt where Argon2id is missing).
 
     The cost parameters apply when a store is created or re-keyed; opening uses the ones
-    recorded in the header. The defaults (64 MiB, 3 passes) take ~0.1-0.3 s on a phone-class
-    core; lower them only for tests.
+    recorded in the header. The defaults (64 MiB, 3 passes, 4 lanes) took
+    440 ms to open a store on a loaded 2-core AMD EPYC (docs/store.md); lower them only for
+    tests.
     """
 
     passphrase: str = field(repr=False)

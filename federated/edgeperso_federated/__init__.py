@@ -16,6 +16,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from edgeperso_federated._config import CoordinatorConfig, RoundConfig
+from edgeperso_federated._errors import (
+    AuthError,
+    ForbiddenError,
+    NotFoundError,
+    RateLimitedError,
+    RoundConflictError,
+)
 from edgeperso_federated._lazy import lazy_exports
 
 if TYPE_CHECKING:
@@ -51,11 +58,16 @@ __getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "AdminClient",
+    "AuthError",
     "Coordinator",
     "CoordinatorConfig",
+    "ForbiddenError",
     "LedgerEntry",
+    "NotFoundError",
     "OpenedRound",
+    "RateLimitedError",
     "RoundConfig",
+    "RoundConflictError",
     "RoundState",
     "create_app",
     "initial_model",

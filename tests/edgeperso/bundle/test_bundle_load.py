@@ -81,7 +81,7 @@ def test_a_manifest_with_a_path_outside_the_bundle_is_refused(bundle_copy: Path)
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["files"][0]["path"] = "../etc/passwd"
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(InvalidInputError, match="file path"):
+    with pytest.raises(BundleIntegrityError, match="file path"):
         Bundle.load(bundle_copy)
 
 
@@ -93,7 +93,7 @@ def test_a_manifest_section_that_is_not_an_object_is_refused(
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest[field] = value
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(InvalidInputError, match="invalid bundle manifest"):
+    with pytest.raises(BundleIntegrityError, match="invalid bundle manifest"):
         Bundle.load(bundle_copy)
 
 
@@ -150,7 +150,7 @@ def test_an_edited_manifest_is_refused_before_anything_runs(
     bundle_copy: Path, edit: Callable[[dict[str, Any]], object], match: str
 ) -> None:
     _edit(bundle_copy, edit)
-    with pytest.raises(InvalidInputError, match=match):
+    with pytest.raises(BundleIntegrityError, match=match):
         Bundle.load(bundle_copy)
 
 

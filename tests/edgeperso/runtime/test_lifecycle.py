@@ -19,10 +19,12 @@ import onnx
 import pytest
 
 from edgeperso import CancelledError, InvalidInputError, LockedError
+from edgeperso.federation import SealedStateStore
 from edgeperso.runtime import Personalizer, TrainConfig, TrainProgress
 from edgeperso.runtime._params import to_bytes
 from edgeperso.runtime._personalizer import EMBEDDINGS_OF, SHARED_USER
 from edgeperso.store import Example, RawKey, Store
+from edgeperso.store._codec import FEDERATION_ACCOUNT
 from tests.edgeperso.runtime.conftest import topic_examples
 
 PROBES = ["the cat sat on the mat", "stock prices fell sharply today"]
@@ -214,24 +216,26 @@ def test_installed_shared_parameters_of_another_shape_are_not_used(
     assert len(model.predict("zed", PROBES)) == 2
 
 
-def test_the_app_users_leave_out_the_reserved_id(classifier: Personalizer) -> None:
+def test_the_app_users_leave_out_the_reserved_ids(classifier: Personalizer) -> None:
     classifier.add_examples("alice", topic_examples(2))
     classifier.install_shared({"global.head.b": np.zeros(3, np.float32)})
-    assert SHARED_USER in classifier.store.users()
+    SealedStateStore(classifier.store).put("client", b"state")
+    assert {SHARED_USER, FEDERATION_ACCOUNT} <= set(classifier.store.users())
     assert classifier.users() == ["alice"]
     for user in classifier.users():  # "forget everyone"
         classifier.forget(user)
     assert classifier.users() == []
 
 
-def test_the_shared_parameters_user_id_is_reserved(classifier: Personalizer) -> None:
+@pytest.mark.parametrize("user", [SHARED_USER, FEDERATION_ACCOUNT])
+def test_the_sdk_accounts_are_not_user_ids(classifier: Personalizer, user: str) -> None:
     for call in (
-        lambda: classifier.add_examples(SHARED_USER, [Example("x y", label="a")]),
-        lambda: classifier.predict(SHARED_USER, PROBES),
-        lambda: classifier.forget(SHARED_USER),
-        lambda: classifier.train(SHARED_USER),
+        lambda: classifier.add_examples(user, [Example("x y", label="a")]),
+        lambda: classifier.predict(user, PROBES),
+        lambda: classifier.forget(user),
+        lambda: classifier.train(user),
     ):
-        with pytest.raises(InvalidInputError, match="reserved"):
+        with pytest.raises(InvalidInputError, match=f"{user}' is reserved"):
             call()
 
 
