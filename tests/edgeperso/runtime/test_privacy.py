@@ -1,5 +1,5 @@
-"""What a user teaches the model stays sealed: no plaintext text or adapter weight reaches
-the disk, and no log record or error message carries user text or labels."""
+"""What a user teaches the model stays sealed: no plaintext text, adapter weight or key
+reaches the disk, and no log record or error message carries user text, labels or keys."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from edgeperso import InvalidInputError
 from edgeperso.runtime import Personalizer, TrainConfig
 from edgeperso.runtime._params import from_bytes
 from edgeperso.runtime._personalizer import BUNDLE_KEY
-from edgeperso.store import Example, RawKey, Store
+from edgeperso.store import Example, RawKey, Store, _crypto
 from tests.edgeperso.runtime.conftest import topic_examples
 
 MARKER = "zqxv-private-7f3a9c"
@@ -26,9 +27,33 @@ def files_under(*roots: Path) -> list[Path]:
     return [p for root in roots for p in sorted(root.rglob("*")) if p.is_file()]
 
 
-def test_texts_and_trained_weights_never_reach_the_disk_in_plaintext(
-    tiny_bundles: dict[str, Path], tmp_path: Path, key: RawKey
+def _record_keys(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every key the store wraps, unwraps or derives, as it is in memory."""
+    seen: list[bytes] = []
+
+    def recording(function: Callable[..., bytes], result: int | None) -> Callable[..., bytes]:
+        def wrapper(*args: bytes) -> bytes:
+            out = function(*args)
+            seen.append(out if result is None else args[result])
+            return out
+
+        return wrapper
+
+    monkeypatch.setattr(_crypto, "wrap_key", recording(_crypto.wrap_key, 1))  # the key wrapped
+    monkeypatch.setattr(_crypto, "unwrap_key", recording(_crypto.unwrap_key, None))
+    monkeypatch.setattr(_crypto, "subkey", recording(_crypto.subkey, None))
+    return seen
+
+
+def test_texts_weights_and_keys_never_reach_the_disk_in_plaintext(
+    tiny_bundles: dict[str, Path],
+    tmp_path: Path,
+    key: RawKey,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
+    keys = _record_keys(monkeypatch)
     home = tmp_path / "profile"
     home.mkdir()
     bundle = tiny_bundles["classification"]
@@ -45,7 +70,10 @@ def test_texts_and_trained_weights_never_reach_the_disk_in_plaintext(
         assert adapter is not None
         weights = from_bytes(adapter)
         del weights[BUNDLE_KEY]  # the bundle's graph hashes: in its manifest, not user data
-        secrets = {"marker": MARKER.encode()}
+        # The key-encryption key, the store secret, its subkeys and every user data key.
+        assert len(set(keys)) >= 3
+        secrets = {"marker": MARKER.encode(), "kek": key.key}
+        secrets |= {f"key {i}": k for i, k in enumerate(keys)}
         for name, value in weights.items():
             head = value.reshape(-1)[:2]  # 8 bytes, if no zero among them: a distinctive needle
             if np.count_nonzero(head) == len(head):
@@ -64,6 +92,10 @@ def test_texts_and_trained_weights_never_reach_the_disk_in_plaintext(
         data = path.read_bytes()
         for what, needle in secrets.items():
             assert needle not in data, f"{what} in plaintext in {path.name}"
+    for record in caplog.records:
+        text = record.getMessage() + (record.exc_text or "")
+        for what, needle in secrets.items():
+            assert needle.hex() not in text and repr(needle) not in text, f"{what} in a log"
 
 
 def test_no_log_record_carries_user_text_or_labels(
@@ -75,13 +107,21 @@ def test_no_log_record_carries_user_text_or_labels(
         for ex in topic_examples(6)
     ]
     classifier.add_examples("alice", examples)
-    classifier.train("alice", TrainConfig(adapter=True, epochs=2))
+    steps: list[int] = []
+    # Cancelled after two adapter steps: its checkpoint stays for the next call to resume ...
     classifier.train(
-        "alice", TrainConfig(adapter=True, epochs=2, seed=1)
-    )  # a discarded checkpoint, logged
+        "alice",
+        TrainConfig(adapter=True, epochs=4),
+        on_progress=lambda p: steps.append(p.step),
+        cancel=lambda: len(steps) >= 2,
+    )
+    # ... which has other settings, so it discards the checkpoint, and logs that.
+    classifier.train("alice", TrainConfig(adapter=True, epochs=2, seed=1))
     classifier.predict("alice", [f"what about {MARKER}"])
     classifier.similar("alice", f"and {MARKER}")
 
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("edgeperso")]
+    assert any("discarding a checkpoint" in m for m in messages)  # the scan below has lines
     for record in caplog.records:
         assert MARKER not in record.getMessage()
         assert MARKER not in (record.exc_text or "")
