@@ -40,6 +40,14 @@ def test_noise_does_not_follow_numpys_seed() -> None:
     assert not np.array_equal(first, second)
 
 
+def test_the_noise_comes_from_os_urandom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every random bit is the OS CSPRNG's: with os.urandom made constant, so is the noise."""
+    monkeypatch.setattr(_aggregate.os, "urandom", lambda n: bytes(range(7, 7 + 64)) * (n // 64))
+    first = _aggregate.secure_normal((64,), 1.0)
+    assert np.array_equal(first, _aggregate.secure_normal((64,), 1.0))
+    assert np.all(np.isfinite(first)) and np.unique(first).size > 1
+
+
 def test_add_noise_without_a_generator_has_std_z_times_sensitivity() -> None:
     config = RoundConfig("app", 0, cohort_size=2, min_survivors=2, noise_multiplier=0.5)
     total = np.full(200_000, 3.0)

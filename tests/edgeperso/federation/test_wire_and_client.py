@@ -57,14 +57,16 @@ def test_tensors_round_trip_and_are_read_by_the_safetensors_library(
 
 @given(st.binary(max_size=300))
 @settings(max_examples=300)
-def test_the_decoder_rejects_garbage_with_a_typed_error(data: bytes) -> None:
+def test_the_decoder_fails_on_garbage_only_with_a_typed_error(data: bytes) -> None:
     with contextlib.suppress(InvalidInputError):
         decode_tensors(data)
 
 
 @given(st.binary(min_size=1, max_size=64), st.integers(0, 200))
 @settings(max_examples=200)
-def test_the_decoder_rejects_corrupted_payloads(noise: bytes, position: int) -> None:
+def test_a_corrupted_payload_decodes_as_declared_or_fails_typed(
+    noise: bytes, position: int
+) -> None:
     good = bytearray(encode_tensors({"masked": np.arange(8, dtype=np.uint32)}))
     position %= len(good)
     good[position : position + len(noise)] = noise
@@ -73,6 +75,13 @@ def test_the_decoder_rejects_corrupted_payloads(noise: bytes, position: int) -> 
         expect_tensors(tensors, {"masked": ("U32", (8,))})
     except InvalidInputError:
         pass
+
+
+def test_a_truncated_payload_or_a_header_past_the_end_is_refused() -> None:
+    good = encode_tensors({"masked": np.arange(8, dtype=np.uint32)})
+    for bad in (good[:-1], good[:8], (len(good) * 2).to_bytes(8, "little") + good[8:]):
+        with pytest.raises(InvalidInputError):
+            decode_tensors(bad)
 
 
 def test_wrong_dtype_shape_and_nan_are_named_in_the_error() -> None:

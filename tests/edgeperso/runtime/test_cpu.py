@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import sys
+from pathlib import Path
 
 import pytest
 
 from edgeperso._cpu import cpu_flags, quantization_mismatch
-from edgeperso.bundle import QuantizationSpec
+from edgeperso.bundle import Bundle, QuantizationSpec
+from edgeperso.runtime import Personalizer
+from edgeperso.runtime import _personalizer as personalizer_module
+from edgeperso.store import RawKey, Store
 
 VNNI_FULL_RANGE = QuantizationSpec(
     mode="dynamic",
@@ -19,6 +25,7 @@ VNNI_FULL_RANGE = QuantizationSpec(
     batch_invariant=False,
 )
 AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma"})
+VNNI_TARGET = {"target": "avx512_vnni", "reduce_range": False}
 
 
 def test_a_vnni_bundle_on_an_x86_cpu_without_vnni_is_named() -> None:
@@ -44,6 +51,29 @@ def test_nothing_is_said_where_the_bundle_fits(
     assert quantization_mismatch(spec, machine, flags) is None
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
 def test_this_machine_lists_its_flags_on_linux() -> None:
     flags = cpu_flags()
-    assert flags is None or "fpu" in flags or "asimd" in flags or "fp" in flags
+    assert flags is not None and ("fpu" in flags or "asimd" in flags or "fp" in flags)
+
+
+def test_the_mismatch_is_logged_when_a_personalizer_opens(
+    tiny_bundles: dict[str, Path],
+    tmp_path: Path,
+    key: RawKey,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bundle = Bundle.load(tiny_bundles["classification"])
+    seen: list[QuantizationSpec] = []
+
+    def on_avx2_only(spec: QuantizationSpec) -> str | None:  # this machine, made AVX2-only
+        seen.append(spec)
+        return quantization_mismatch(dataclasses.replace(spec, **VNNI_TARGET), "x86_64", AVX2_ONLY)
+
+    monkeypatch.setattr(personalizer_module, "check_quantization", on_avx2_only)
+    with Store.open(tmp_path / "p.db", key) as store:
+        Personalizer.open(bundle, store)
+    assert seen == [bundle.manifest.quantization]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("--quantization-target avx2" in w for w in warnings)

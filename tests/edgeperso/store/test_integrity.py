@@ -98,7 +98,7 @@ def test_no_plaintext_or_shredded_key_remains_on_disk(tmp_path: Path, key: RawKe
     assert _scan(tmp_path, bytes(doomed), skip="backup.bin") == []
 
 
-def test_shredded_user_cannot_be_decrypted_even_from_an_old_copy(
+def test_a_shredded_user_is_gone_and_the_store_stays_consistent(
     store_path: Path, key: RawKey
 ) -> None:
     with Store.open(store_path, key) as store:

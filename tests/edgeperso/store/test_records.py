@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -186,12 +189,24 @@ def test_config_is_validated() -> None:
         StoreConfig(busy_timeout_s=-1)
 
 
-def test_data_key_rotates_before_its_use_limit(store_path: Path, key: RawKey) -> None:
+def test_data_key_rotates_before_its_use_limit(
+    store_path: Path, key: RawKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    def wrapped_key() -> bytes:
+        with contextlib.closing(sqlite3.connect(store_path)) as db:
+            (value,) = db.execute("SELECT wrapped_key FROM users").fetchone()
+        return bytes(value)
+
+    caplog.set_level(logging.INFO, logger="edgeperso")
     with Store.open(store_path, key, StoreConfig(max_key_uses=64)) as store:
+        store.add_examples("alice", [Example("t"), Example("u")])
+        first = wrapped_key()
         for i in range(40):
             store.add_examples("alice", [Example(f"t{i}"), Example(f"u{i}")])
-        assert [e.text for e in store.examples("alice")][:2] == ["t0", "u0"]
-        assert len(store.examples("alice")) == 80
+        assert wrapped_key() != first  # a new data key, wrapped anew
+        assert any("reached its use limit" in r.getMessage() for r in caplog.records)
+        assert [e.text for e in store.examples("alice")][:2] == ["t", "u"]
+        assert len(store.examples("alice")) == 82  # re-sealed under the new key, all readable
         store.integrity_check()
 
 
