@@ -377,8 +377,12 @@ def one_round(
 
 def walk_through(args: argparse.Namespace, users: list[User], bundle: Path) -> dict[str, Any]:
     console = Console()
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     with (
-        tempfile.TemporaryDirectory(prefix="edgeperso-walkthrough-") as tmp,
+        contextlib.nullcontext(str(args.keep))
+        if args.keep
+        else tempfile.TemporaryDirectory(prefix="edgeperso-walkthrough-") as tmp,
         coordinator(Path(tmp)) as (url, token),
         AdminClient(url, token) as admin,
     ):
@@ -488,6 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epsilon-budget", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="an empty or new folder that keeps the coordinator's database and log and the "
+        "devices' encrypted stores (default: a temporary folder, removed at the end)",
+    )
     args = parser.parse_args(argv)
     if args.devices < 3 or args.rounds < 1:
         parser.error("--devices must be >= 3 and --rounds >= 1")
@@ -497,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--studemo {args.studemo} holds no text_data.csv: name the StudEmo folder")
     if args.json and not args.json.parent.is_dir():
         parser.error(f"--json: the folder {args.json.parent} does not exist")
+    if args.keep and (args.keep.is_file() or (args.keep.is_dir() and any(args.keep.iterdir()))):
+        parser.error(f"--keep: {args.keep} is not an empty folder")
     # One thread per device process, as on a phone; the devices share this machine's cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     console = Console()
