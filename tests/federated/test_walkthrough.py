@@ -53,9 +53,11 @@ def test_the_walkthrough_runs_two_rounds_that_every_device_survives(
     # What the devices trained on never reached the coordinator's database or log, nor any
     # device store in plaintext: the same texts, made again from the same seed.
     monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run: its folder on the path
-    for name in ("federated_round", "_bundle"):  # removed again afterwards
-        monkeypatch.setitem(sys.modules, name, None)
-    users = _example().generated_users(3, 8, 8, 0)
+    try:
+        users = _example().generated_users(3, 8, 8, 0)
+    finally:
+        for name in ("federated_round", "_bundle"):
+            sys.modules.pop(name, None)
     texts = {text.encode() for user in users for text, _ in user.train}
     assert len(texts) >= 12
     files = sorted(p for p in kept.iterdir() if p.is_file())
