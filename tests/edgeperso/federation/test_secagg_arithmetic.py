@@ -143,6 +143,25 @@ def test_dropouts_leave_the_exact_sum_of_survivors(dropout: float, drop_stage: s
     np.testing.assert_allclose(decoded, expected, atol=survivors / scale)
 
 
+def test_a_masked_upload_shows_nothing_of_the_input() -> None:
+    """What leaves the device in a secure round: its encoded input plus masks that are
+    uniform over the ring, different per device, and only cancel in the coordinator's sum."""
+    a, b = SecAggClient.start("r"), SecAggClient.start("r")
+    to_b = a.share_keys(1, {2: (b.c_pk, b.s_pk)}, 1)
+    to_a = b.share_keys(2, {1: (a.c_pk, a.s_pk)}, 1)
+    scale = fixed_point_scale(2, 1.0)
+    encoded = encode_fixed_point(np.full(4096, 0.25), scale)  # the same input on both
+    masked_a = a.masked_input(encoded, {2: to_a[1]})
+    masked_b = b.masked_input(encoded, {1: to_b[2]})
+    masks = [(m - encoded).astype(np.float64) / 2.0**32 for m in (masked_a, masked_b)]
+    for mask in masks:
+        assert np.mean(mask == 0) < 0.01
+        assert abs(mask.mean() - 0.5) < 0.02 and abs(mask.std() - 12**-0.5) < 0.02  # uniform
+    assert np.mean(masked_a == masked_b) < 0.01
+    # The pairwise masks cancel in the sum; each device's own mask stays until unmasked.
+    assert np.mean(masked_a + masked_b == encoded + encoded) < 0.01
+
+
 def test_a_tampered_share_is_detected() -> None:
     a, b = SecAggClient.start("r"), SecAggClient.start("r")
     sealed = a.share_keys(1, {2: (b.c_pk, b.s_pk)}, 1)
