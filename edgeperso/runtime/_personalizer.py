@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -362,7 +362,15 @@ class Personalizer:
 
     # -- inference --------------------------------------------------------------------------
 
-    def predict(self, user: str, texts: Sequence[str]) -> list[Prediction]:
+    # A str is a Sequence[str] too: the one-text form is matched first, and says so.
+    @overload
+    def predict(self, user: str, texts: str) -> Prediction: ...  # type: ignore[overload-overlap]
+    @overload
+    def predict(self, user: str, texts: Sequence[str]) -> list[Prediction]: ...
+    def predict(self, user: str, texts: str | Sequence[str]) -> Prediction | list[Prediction]:
+        """The user's prediction for one text, or a list of them for a batch of texts."""
+        if isinstance(texts, str):
+            return self.predict(user, [texts])[0]
         if self.manifest.task == "embedding":
             raise UnsupportedError("an embedding bundle has no labels or scores: use embed()")
         out, encoded, personal = self._run_user(user, texts, "output")
@@ -378,8 +386,12 @@ class Personalizer:
                 preds.append(Prediction(None, float(row[0]), None, personal, truncated))
         return preds
 
-    def score(self, user: str, texts: Sequence[str]) -> np.ndarray:
-        """Raw outputs: [n] scores (regression) or [n, C] class probabilities."""
+    def score(self, user: str, texts: str | Sequence[str]) -> np.ndarray:
+        """Raw outputs: [n] scores (regression) or [n, C] class probabilities; for one text
+        (a str), that text's row: a 0-d score or [C] probabilities."""
+        if isinstance(texts, str):
+            row: np.ndarray = self.score(user, [texts])[0, ...]
+            return row
         out, _, _ = self._run_user(user, texts, "output")
         if self.manifest.task == "regression":
             scores: np.ndarray = out[:, 0]
@@ -390,9 +402,12 @@ class Personalizer:
             return probs
         raise UnsupportedError("an embedding bundle has no scores: use embed()")
 
-    def embed(self, user: str, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, user: str, texts: str | Sequence[str]) -> np.ndarray:
         """[n, d] embeddings with the user's adapter (the bundle's output for embedding
-        bundles, the pooled text features otherwise)."""
+        bundles, the pooled text features otherwise); [d] for one text (a str)."""
+        if isinstance(texts, str):
+            vector: np.ndarray = self.embed(user, [texts])[0]
+            return vector
         name = "output" if self.manifest.task == "embedding" else "features"
         out, _, _ = self._run_user(user, texts, name)
         return out

@@ -48,7 +48,7 @@ class TextEncoder:
 
 def check_texts(texts: Sequence[str]) -> None:
     if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise InvalidInputError("texts must be a sequence of str (wrap one text in a list)")
+        raise InvalidInputError("texts must be a str or a sequence of str")
     if not texts:
         raise InvalidInputError("texts is empty")
     for i, text in enumerate(texts):

@@ -46,7 +46,7 @@ def test_empty_or_whitespace_text_is_refused_everywhere(
     assert snapshot(store, "alice") == alice
 
 
-@pytest.mark.parametrize("texts", [[b"bytes"], [None], [42], ["fine", 3.5], "a bare string"])
+@pytest.mark.parametrize("texts", [[b"bytes"], [None], [42], ["fine", 3.5], b"bytes", 42])
 def test_texts_that_are_not_a_sequence_of_str_are_refused(
     classifier: Personalizer, texts: Any
 ) -> None:
@@ -54,6 +54,22 @@ def test_texts_that_are_not_a_sequence_of_str_are_refused(
         classifier.predict("alice", texts)
     with pytest.raises(InvalidInputError, match="str"):
         classifier.embed("alice", texts)
+
+
+def test_one_text_gives_what_a_batch_of_one_gives(
+    classifier: Personalizer, regressor: Personalizer
+) -> None:
+    text = "the cat sat on the mat"
+    assert classifier.predict("alice", text) == classifier.predict("alice", [text])[0]
+    probabilities = classifier.score("alice", text)
+    assert probabilities.shape == (3,)
+    np.testing.assert_array_equal(probabilities, classifier.score("alice", [text])[0])
+    vector = classifier.embed("alice", text)
+    np.testing.assert_array_equal(vector, classifier.embed("alice", [text])[0])
+    assert vector.ndim == 1
+    score = regressor.score("alice", text)
+    assert score.shape == () and float(score) == regressor.score("alice", [text])[0]
+    assert regressor.predict("alice", text).score == float(score)
 
 
 def test_an_example_whose_text_is_not_str_cannot_even_be_built() -> None:
