@@ -19,6 +19,7 @@ import numpy as np
 
 from edgeperso._cpu import check_quantization
 from edgeperso._errors import (
+    BundleIntegrityError,
     CancelledError,
     EdgePersoError,
     InvalidInputError,
@@ -176,10 +177,17 @@ class Personalizer:
         store: Store,
         *,
         session: SessionOptions | None = None,
+        sha256: str | None = None,
     ) -> Personalizer:
-        """Verify the bundle (every hash) and create the one shared inference session."""
+        """Verify the bundle (every hash; with `sha256`, the digest edgeperso-export printed,
+        that it is that bundle) and create the one shared inference session."""
         if not isinstance(bundle, Bundle):
-            bundle = Bundle.load(bundle)
+            bundle = Bundle.load(bundle, sha256=sha256)
+        elif sha256 is not None and sha256 != bundle.sha256:
+            raise BundleIntegrityError(
+                f"the bundle at {str(bundle.root)!r} has sha256 {bundle.sha256}, not the pinned "
+                f"{sha256!r:.80}: ship the bundle the app was built with"
+            )
         if not isinstance(store, Store):
             raise InvalidInputError("store must be an edgeperso Store (Store.open(...))")
         if session is not None and not isinstance(session, SessionOptions):

@@ -192,15 +192,22 @@ def test_a_tokenizer_entry_naming_another_file_is_refused(
         Personalizer.open(bundle_copy, store)
 
 
-def test_the_bundle_digest_is_the_manifests_and_pins_the_bundle(bundle_copy: Path) -> None:
+def test_the_bundle_digest_is_the_manifests_and_pins_the_bundle(
+    bundle_copy: Path, tmp_path: Path
+) -> None:
     digest = hashlib.sha256((bundle_copy / "manifest.json").read_bytes()).hexdigest()
     assert Bundle.load(bundle_copy).sha256 == digest
     assert Bundle.load(bundle_copy, sha256=digest).sha256 == digest
-    # An edit the schema accepts (another parity figure) still changes the digest.
-    _edit(bundle_copy, lambda m: m["parity"][0].__setitem__("value", 1.0))
-    Bundle.load(bundle_copy)
-    with pytest.raises(BundleIntegrityError, match=f"not the pinned {digest}"):
-        Bundle.load(bundle_copy, sha256=digest)
+    with Store.open(tmp_path / "p.db", PassphraseKey("pass phrase", **CHEAP)) as store:
+        assert Personalizer.open(bundle_copy, store, sha256=digest).bundle.sha256 == digest
+        # An edit the schema accepts (another parity figure) still changes the digest.
+        _edit(bundle_copy, lambda m: m["parity"][0].__setitem__("value", 1.0))
+        Bundle.load(bundle_copy)
+        with pytest.raises(BundleIntegrityError, match=f"not the pinned {digest}"):
+            Bundle.load(bundle_copy, sha256=digest)
+        for bundle in (bundle_copy, Bundle.load(bundle_copy)):  # a path, or a loaded bundle
+            with pytest.raises(BundleIntegrityError, match="not the pinned"):
+                Personalizer.open(bundle, store, sha256=digest)
 
 
 @pytest.mark.parametrize("pin", ["", "A" * 64, "0" * 63, b"0" * 64, 5])
