@@ -154,24 +154,25 @@ def to_records(
             f"column(s) {missing} not found; the data has {sorted(present)} "
             "(name them with --user-column / --text-column / --label-column / --time-column)"
         )
-    records, dropped, unknown = [], 0, set()
+    # Rows are named by number, never by their values: a label is the data's own content.
+    records, dropped, unknown = [], 0, []
     for position, row in enumerate(rows):
         user, text = row.get(config.user_column, ""), row.get(config.text_column, "")
         raw = row.get(config.label_column, "").strip()
         if any(v.strip().lower() in MISSING for v in (user, text, raw)):
             dropped += 1
             continue
-        label = _label(raw, config, task)
+        label = _label(raw, config, task, position)
         if isinstance(label, str) and label not in labels:
-            unknown.add(label)
+            unknown.append(position + 1)
             continue
         time = _time(row.get(config.time_column, ""), position) if config.time_column else position
         records.append(Record(user.strip(), text, label, time))
     if unknown:
-        examples = ", ".join(repr(v) for v in sorted(unknown)[:3])
+        shown = ", ".join(map(str, unknown[:3])) + (", ..." if len(unknown) > 3 else "")
         raise InvalidInputError(
-            f"{len(unknown)} label value(s) (e.g. {examples}) are not among the bundle's labels "
-            f"{list(labels)}; map them with --label-map (e.g. 'x>0' or 'a=yes,b=no')"
+            f"the labels of {len(unknown)} row(s) (rows {shown}) are not among the bundle's "
+            f"labels {list(labels)}; map them with --label-map (e.g. 'x>0' or 'a=yes,b=no')"
         )
     if not records:
         raise InvalidInputError(
@@ -180,16 +181,18 @@ def to_records(
     return records, dropped
 
 
-def _label(raw: str, config: EvalConfig, task: str) -> str | float:
+def _label(raw: str, config: EvalConfig, task: str, position: int) -> str | float:
     if task == "regression":
         if config.label_map is not None:
             raise InvalidInputError("a regression bundle takes numeric labels: drop --label-map")
         try:
             value = float(raw)
         except ValueError:
-            raise InvalidInputError(f"regression label {raw!r} is not a number") from None
+            raise InvalidInputError(
+                f"the label of row {position + 1} is not a number (a regression bundle)"
+            ) from None
         if not math.isfinite(value):
-            raise InvalidInputError(f"regression label {raw!r} is not finite")
+            raise InvalidInputError(f"the label of row {position + 1} is not finite")
         return value
     return raw if config.label_map is None else config.label_map.apply(raw)
 

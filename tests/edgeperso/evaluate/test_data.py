@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,9 @@ def test_missing_columns_and_unknown_labels_are_named() -> None:
     rows = annotation_rows()
     with pytest.raises(InvalidInputError, match=r"\['rater'\] not found"):
         to_records(rows, EvalConfig(user_column="rater"), "classification", LABELS)
-    with pytest.raises(InvalidInputError, match="not among the bundle's labels"):
+    with pytest.raises(InvalidInputError, match=r"rows 1, 2, 3, \.\.\.\) are not among") as refused:
         to_records(rows, EvalConfig(label_column="score"), "classification", LABELS)
+    assert not {r["score"] for r in rows} & set(re.findall(r"'([^']*)'", str(refused.value)))
     config = EvalConfig(label_column="score", label_map=LabelMap("x>0"))
     records, dropped = to_records(rows, config, "classification", LABELS)
     assert dropped == 0 and [r.label for r in records] == [r["label"] for r in rows]
@@ -114,7 +116,7 @@ def test_regression_labels_must_be_numbers() -> None:
     rows = annotation_rows()
     records, _ = to_records(rows, EvalConfig(label_column="score"), "regression", ())
     assert {r.label for r in records} == {2.0, -1.0}
-    with pytest.raises(InvalidInputError, match="not a number"):
+    with pytest.raises(InvalidInputError, match=r"the label of row 1 is not a number"):
         to_records(rows, EvalConfig(), "regression", ())
 
 
