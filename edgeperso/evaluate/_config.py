@@ -61,15 +61,19 @@ class LabelMap:
                     f"label value {value!r} is not listed in the label map {self.spec!r}"
                 )
             return pairs[value.strip()]
-        try:
-            x = float(value)
-        except ValueError:
-            raise InvalidInputError(
-                f"label map {self.spec!r} needs numbers, got {value!r}"
-            ) from None
-        if not math.isfinite(x):
-            raise InvalidInputError(f"label map {self.spec!r} got a non-finite value {value!r}")
+        x = finite_number(value)
+        if x is None:
+            raise InvalidInputError(f"label map {self.spec!r} needs finite numbers, got {value!r}")
         return "yes" if _OPS[match.group(1)](x, float(match.group(2))) else "no"
+
+
+def finite_number(text: str) -> float | None:
+    """`text` as a finite float, or None ("nan" and "inf" parse, but are not labels)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 @dataclasses.dataclass(frozen=True)

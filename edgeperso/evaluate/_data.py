@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeperso._errors import InvalidInputError
-from edgeperso.evaluate._config import EvalConfig
+from edgeperso.evaluate._config import EvalConfig, finite_number
 
 Table = list[dict[str, str]]
 # A user, text or label cell holding one of these (any case) is a missing value: pandas
@@ -185,26 +185,27 @@ def _label(raw: str, config: EvalConfig, task: str, position: int) -> str | floa
     if task == "regression":
         if config.label_map is not None:
             raise InvalidInputError("a regression bundle takes numeric labels: drop --label-map")
-        try:
-            value = float(raw)
-        except ValueError:
+        value = finite_number(raw)
+        if value is None:
             raise InvalidInputError(
-                f"the label of row {position + 1} is not a number (a regression bundle)"
-            ) from None
-        if not math.isfinite(value):
-            raise InvalidInputError(f"the label of row {position + 1} is not finite")
+                f"the label of row {position + 1} is not a finite number (a regression bundle)"
+            )
         return value
-    return raw if config.label_map is None else config.label_map.apply(raw)
+    if config.label_map is None:
+        return raw
+    try:
+        return config.label_map.apply(raw)
+    except InvalidInputError:  # its message shows the value: this one shows the row
+        raise InvalidInputError(
+            f"the label of row {position + 1} does not fit the label map "
+            f"{config.label_map.spec!r} (a finite number to compare, or a value it lists)"
+        ) from None
 
 
 def _time(raw: str, position: int) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        pass
-    else:
-        if math.isfinite(value):  # "nan" and "inf" parse, but cannot be ordered
-            return value
+    value = finite_number(raw)  # "nan" and "inf" parse, but cannot be ordered
+    if value is not None:
+        return value
     try:
         return datetime.datetime.fromisoformat(raw.strip()).timestamp()
     except ValueError:

@@ -40,10 +40,16 @@ def test_a_malformed_label_map_is_refused(spec: str) -> None:
 
 
 def test_label_map_errors_name_the_problem() -> None:
-    with pytest.raises(InvalidInputError, match="needs numbers"):
+    with pytest.raises(InvalidInputError, match="needs finite numbers"):
         LabelMap("x>0").apply("high")
     with pytest.raises(InvalidInputError, match="not listed"):
         LabelMap("a=yes").apply("b")
+    rows = annotation_rows()
+    rows[4] = rows[4] | {"score": "very-high"}
+    config = EvalConfig(label_column="score", label_map=LabelMap("x>0"))
+    with pytest.raises(InvalidInputError, match=r"label of row 5 does not fit") as refused:
+        to_records(rows, config, "classification", LABELS)
+    assert "very-high" not in str(refused.value)
 
 
 def test_csv_jsonl_and_a_joined_text_table_read_alike(tmp_path: Path) -> None:
@@ -116,7 +122,7 @@ def test_regression_labels_must_be_numbers() -> None:
     rows = annotation_rows()
     records, _ = to_records(rows, EvalConfig(label_column="score"), "regression", ())
     assert {r.label for r in records} == {2.0, -1.0}
-    with pytest.raises(InvalidInputError, match=r"the label of row 1 is not a number"):
+    with pytest.raises(InvalidInputError, match=r"the label of row 1 is not a finite number"):
         to_records(rows, EvalConfig(), "regression", ())
 
 
