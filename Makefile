@@ -40,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy edgeperso export/edgeperso_export federated/edgeperso_federated
+	$(BIN)/mypy edgeperso export/edgeperso_export federated/edgeperso_federated examples benchmarks
 
 unit: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q

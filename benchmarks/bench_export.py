@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,8 @@ def timed(fn: Any, repeats: int) -> float:
 def run_child(code: str) -> dict[str, Any]:
     """Run a measurement in a fresh process, so peak RSS belongs to that measurement alone."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    measured: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return measured
 
 
 TRAIN_ORT = """
@@ -191,7 +193,7 @@ def main() -> None:
     # fp32 ONNX of the very same graph, for the ORT fp32 column
     from edgeperso_export._export import load_source
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
     enc32 = tok(BATCH, padding=True, return_tensors="pt")
     enc1 = tok(BATCH[:1], return_tensors="pt")
     fp32_path = _fp32_graph(model_dir, tmp, bundle, load_source)
@@ -223,7 +225,7 @@ def main() -> None:
     def int8_rowwise() -> Any:
         return np.concatenate([ort_run(int8, e) for e in singles])
 
-    rows = {
+    rows: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
         "torch fp32 eager": (lambda: torch_run(enc32), lambda: torch_run(enc1)),
         "ORT fp32": (lambda: ort_run(fp32, enc32), lambda: ort_run(fp32, enc1)),
         "ORT int8 (batched)": (lambda: ort_run(int8, enc32), lambda: ort_run(int8, enc1)),

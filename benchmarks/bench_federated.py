@@ -201,7 +201,10 @@ async def _plain(device: _Device, rid: str, vector: np.ndarray) -> str:
 
 async def _secure(device: _Device, rid: str, vector: np.ndarray, scale: float) -> str:
     base = f"/v1/rounds/{rid}"
-    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
     async with device.gate:
         secagg = SecAggClient.start(rid)
         keys = {"c_pk": b64(secagg.c_pk), "s_pk": b64(secagg.s_pk)}

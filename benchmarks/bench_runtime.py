@@ -118,7 +118,7 @@ def main() -> None:
             if head_user is not None:
                 users["head adapter"] = head_user
             ms = latency(model, users, args.reps)
-    report = {
+    report: dict[str, Any] = {
         "machine": machine_info(),
         "load_average_at_end": os.getloadavg()[0],
         "bundle": str(bundle) if args.bundle else "all-MiniLM-L6-v2, default export",
@@ -137,8 +137,8 @@ def main() -> None:
     OUT.write_text(json.dumps(report, indent=2) + "\n")
     print(f"machine: {report['machine']}")
     print("| one text, predict() | median ms | vs base |\n|---|---|---|")
-    for name, value in ms.items():
-        print(f"| {name} | {value:.1f} | {value / ms['base (no adapter)']:.2f}x |")
+    for name, median in ms.items():
+        print(f"| {name} | {median:.1f} | {median / ms['base (no adapter)']:.2f}x |")
     print(
         "\n| new user, 50 examples | add_examples s | train s (median) | kept |\n|---|---|---|---|"
     )

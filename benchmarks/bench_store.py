@@ -19,7 +19,7 @@ from typing import Any
 import keyring
 import keyring.backend
 
-from edgeperso.store import Example, KeyringKey, PassphraseKey, RawKey, Store
+from edgeperso.store import Example, KeyProvider, KeyringKey, PassphraseKey, RawKey, Store
 from edgeperso.store._store import _connect
 
 OUT = Path(__file__).parent / "out" / "store.json"
@@ -30,10 +30,10 @@ BLOB = bytes(1 << 20)
 
 
 class _FileKeyring(keyring.backend.KeyringBackend):
-    priority = 1  # type: ignore[assignment]
+    priority = 1
 
     def __init__(self, path: Path) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.path = path
 
     def _load(self) -> dict[str, str]:
@@ -202,9 +202,11 @@ def open_times(tmp: Path) -> dict[str, float]:
         path = tmp / f"open-{name}.db"
         with Store.open(path, provider) as store:
             store.add_examples("alice", [Example("x")] * 100)
-        out[f"open_{name}_ms"] = 1000 * timed(
-            lambda p=path, k=provider: Store.open(p, k).close(), 5
-        )
+
+        def open_and_close(p: Path = path, k: KeyProvider = provider) -> None:
+            Store.open(p, k).close()
+
+        out[f"open_{name}_ms"] = 1000 * timed(open_and_close, 5)
     return out
 
 
@@ -214,8 +216,8 @@ def shred_times(tmp: Path) -> dict[str, float]:
         path = tmp / f"shred-{size}.db"
         with Store.open(path, KEY) as store:
             store.add_examples("keep", [Example(TEXT)] * 1000)
-            for start in range(0, size, 1000):
-                store.add_examples("doomed", [Example(TEXT)] * min(1000, size - start))
+            for added in range(0, size, 1000):
+                store.add_examples("doomed", [Example(TEXT)] * min(1000, size - added))
             start = time.perf_counter()
             store.forget_user("doomed")
             out[f"shred_{size}_examples_ms"] = 1000 * (time.perf_counter() - start)

@@ -285,7 +285,8 @@ def centroids(operator: Personalizer, seeds: Sequence[str]) -> np.ndarray:
     """[personas, hidden]: the unit-norm embedding of each persona's seed sentence, the same
     kind of vector as a device's summary (the unit-norm mean of its texts' embeddings)."""
     rows = operator.embed("operator", list(seeds))
-    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    unit: np.ndarray = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return unit.astype(np.float32)
 
 
 def set_up_app(
