@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 
 from edgeperso._errors import BundleIntegrityError, EdgePersoError, InvalidInputError
 from edgeperso._paths import check_path
-from edgeperso.bundle._manifest import Manifest
+from edgeperso.bundle._manifest import SHA256_HEX, Manifest
 
 MANIFEST = "manifest.json"
 INFER_GRAPH = "infer.onnx"
@@ -26,6 +25,16 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_pin(sha256: object) -> str:
+    """A bundle digest as `edgeperso-export` prints it, or InvalidInputError."""
+    if not (isinstance(sha256, str) and SHA256_HEX.fullmatch(sha256)):
+        raise InvalidInputError(
+            "sha256 must be the bundle digest edgeperso-export printed: 64 lowercase hex "
+            f"digits, not {sha256!r:.80}"
+        )
+    return sha256
 
 
 class Bundle:
@@ -55,13 +64,8 @@ class Bundle:
         has a field of the wrong type or out of range (the message names it).
         """
         root = check_path(path, "bundle path")
-        if sha256 is not None and not (
-            isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)
-        ):
-            raise InvalidInputError(
-                "sha256 must be the bundle digest edgeperso-export printed: 64 lowercase hex "
-                f"digits, not {sha256!r:.80}"
-            )
+        if sha256 is not None:
+            check_pin(sha256)
         if not root.is_dir():
             raise InvalidInputError(f"bundle path {str(root)!r} is not a directory")
         manifest_path = root / MANIFEST

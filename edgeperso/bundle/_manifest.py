@@ -26,7 +26,7 @@ Pooling = Literal["mean", "cls"]
 TASKS: tuple[str, ...] = get_args(Task)
 LEVELS: tuple[str, ...] = get_args(Level)
 ROLES: tuple[str, ...] = get_args(Role)
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a digest as hexdigest() writes it; fullmatch
 
 
 _MAX_INT = 1 << 53  # JSON's exact integers; file sizes are the largest ints a manifest holds
@@ -38,15 +38,27 @@ def _require(ok: bool, what: str) -> None:
         raise InvalidInputError(f"invalid bundle manifest: {what}")
 
 
+class _Entry:
+    """Base of the manifest dataclasses: on construction every field is checked against its
+    annotation (`_check_fields`), then the class's own rules (`_validate`) run."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+
 def _check_fields(entry: Any) -> None:
     """Every field of a manifest dataclass has its annotated type, exactly.
 
-    JSON gives loose types (1.0 for 1, true for 1, "ab" for a list of labels) and the
-    manifest is the one file of a bundle that no hash covers, so nothing is coerced: a value
-    of the wrong type is an edited or foreign manifest, and loading stops here rather than
-    inside onnxruntime or numpy.
+    JSON gives loose types (1.0 for 1, true for 1, "ab" for a list of labels) and no hash
+    inside a bundle covers its manifest, so nothing is coerced: a value of the wrong type is
+    an edited or foreign manifest, and loading stops here rather than inside onnxruntime or
+    numpy.
     """
-    hints = typing.get_type_hints(type(entry))
+    hints = _hints(type(entry))
     for field in dataclasses.fields(entry):
         value = getattr(entry, field.name)
         if not _conforms(value, hints[field.name]):
@@ -54,6 +66,16 @@ def _check_fields(entry: Any) -> None:
                 f"invalid bundle manifest: {type(entry).__name__}.{field.name} is "
                 f"{_shown(value)}, not {_type_name(hints[field.name])}; re-export the bundle"
             )
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The class's resolved annotations, computed once per class rather than per entry."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _conforms(value: Any, hint: Any) -> bool:
@@ -104,25 +126,24 @@ def _shown(value: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class FileEntry:
+class FileEntry(_Entry):
     """One file of the bundle with the hash that loading verifies."""
 
     path: str
     sha256: str
     size: int
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
+    def _validate(self) -> None:
         _require(
             self.path not in ("", ".", "..") and not any(c in self.path for c in "/\\:\0"),
             f"file path {self.path!r} is not a plain file name in the bundle",
         )
-        _require(bool(_SHA256.match(self.sha256)), f"sha256 of {self.path!r} is not hex")
+        _require(bool(SHA256_HEX.fullmatch(self.sha256)), f"sha256 of {self.path!r} is not hex")
         _require(self.size >= 0, f"size of {self.path!r} is negative")
 
 
 @dataclasses.dataclass(frozen=True)
-class ParamSpec:
+class ParamSpec(_Entry):
     """A parameter the runtime feeds to the graphs.
 
     `level` says who owns it: user parameters never leave the device; persona and global
@@ -140,8 +161,7 @@ class ParamSpec:
     trainable: bool = True
     slot: str | None = None  # for LoRA params: the LoRA slot they compose into
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
+    def _validate(self) -> None:
         _require(bool(self.name), "parameter without a name")
         _require(
             bool(self.shape) and all(1 <= d <= _MAX_DIM for d in self.shape),
@@ -150,7 +170,7 @@ class ParamSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraSlot:
+class LoraSlot(_Entry):
     """An overridable LoRA branch in infer.onnx: y = W x + scaling * (x @ A) @ B.
 
     The graph inputs `a_input` [in_features, rank] and `b_input` [rank, out_features] default
@@ -165,14 +185,13 @@ class LoraSlot:
     a_input: str
     b_input: str
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
+    def _validate(self) -> None:
         _check_dims("slot", in_features=self.in_features, out_features=self.out_features)
         _require(0 <= self.rank <= _MAX_DIM, f"rank {self.rank} of slot {self.module}")
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraSpec:
+class LoraSpec(_Entry):
     r_user: int
     r_shared: int
     alpha: float
@@ -180,8 +199,7 @@ class LoraSpec:
     layers: tuple[int, ...]  # encoder layers that carry adapters (upper layers by default)
     shared_a_seed: int  # the frozen shared A is drawn from this seed, the same on every device
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
+    def _validate(self) -> None:
         _require(1 <= self.r_user <= _MAX_DIM, f"lora.r_user {self.r_user}")
         _require(0 <= self.r_shared <= _MAX_DIM, f"lora.r_shared {self.r_shared}")
         _require(math.isfinite(self.alpha) and self.alpha > 0, f"lora.alpha {self.alpha}")
@@ -192,15 +210,14 @@ class LoraSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class UserEmbeddingSpec:
+class UserEmbeddingSpec(_Entry):
     """Persona-Plug user embedding: attention of the text over the user's history."""
 
     dim: int  # size of u, concatenated to the pooled text features
     history_size: int  # history slots fed to the graphs (padded + masked)
     mlp_hidden: int
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
+    def _validate(self) -> None:
         _check_dims(
             "user_embedding",
             dim=self.dim,
@@ -210,7 +227,7 @@ class UserEmbeddingSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizationSpec:
+class QuantizationSpec(_Entry):
     mode: Literal["dynamic"]
     target: str  # avx512_vnni, avx2, arm64: the CPU the int8 graph was tuned for
     per_channel: bool
@@ -221,25 +238,21 @@ class QuantizationSpec:
     # rest of its batch. When the export measured that, the runtime runs texts one by one.
     batch_invariant: bool
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class TrainGraph:
+class TrainGraph(_Entry):
     """One training-step graph for a fixed micro-batch shape."""
 
     file: str
     batch_size: int
     seq_len: int
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
+    def _validate(self) -> None:
         _check_dims("train graph", batch_size=self.batch_size, seq_len=self.seq_len)
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSpec:
+class TrainSpec(_Entry):
     """Inputs: every ParamSpec by name, `ref.<name>` for each trainable one, the batch
     (`prefix`: the frozen lower layers' hidden states, `attention_mask`, `history`,
     `history_mask`, `targets`, `weights`) and `prox_weight`. Outputs: `loss` and
@@ -253,8 +266,7 @@ class TrainSpec:
     # of anchor i (same group, j != i); none: no train graph (bundles before it existed)
     loss: Literal["weighted_cross_entropy", "weighted_mse", "supervised_contrastive", "none"]
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
+    def _validate(self) -> None:
         _require(
             (self.loss == "none") == (not self.graphs),
             f"train.loss {self.loss!r} with {len(self.graphs)} train graphs",
@@ -269,19 +281,16 @@ class TrainSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class ParityCheck:
+class ParityCheck(_Entry):
     name: str
     value: float
     threshold: float
     higher_is_better: bool
     passed: bool
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class Manifest:
+class Manifest(_Entry):
     schema_version: int
     task: Task
     labels: tuple[str, ...]
@@ -303,8 +312,7 @@ class Manifest:
     train: TrainSpec
     parity: tuple[ParityCheck, ...]
 
-    def __post_init__(self) -> None:
-        _check_fields(self)
+    def _validate(self) -> None:
         if self.schema_version > SCHEMA_VERSION:
             raise UnsupportedError(
                 f"bundle schema version {self.schema_version} is newer than this runtime "
@@ -359,8 +367,8 @@ class Manifest:
             raise InvalidInputError("invalid bundle manifest: not a JSON object")
         try:
             version = data["schema_version"]
-            newer = isinstance(version, int) and version > SCHEMA_VERSION
-            if newer and not isinstance(version, bool):
+            # Before the fields: a newer schema may have fields this runtime does not know.
+            if isinstance(version, int) and version > SCHEMA_VERSION:
                 raise UnsupportedError(
                     f"bundle schema version {version} is newer than this runtime "
                     f"supports ({SCHEMA_VERSION}); upgrade edgeperso"

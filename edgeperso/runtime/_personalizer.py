@@ -27,6 +27,7 @@ from edgeperso._errors import (
     UnsupportedError,
 )
 from edgeperso.bundle import INFER_GRAPH, Bundle, Manifest
+from edgeperso.bundle._bundle import check_pin
 from edgeperso.runtime import _params, _shared
 from edgeperso.runtime._head import fit_logistic, fit_ridge, knn_mix, unit_rows
 from edgeperso.runtime._params import Params
@@ -183,7 +184,7 @@ class Personalizer:
         that it is that bundle) and create the one shared inference session."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle, sha256=sha256)
-        elif sha256 is not None and sha256 != bundle.sha256:
+        elif sha256 is not None and check_pin(sha256) != bundle.sha256:
             raise BundleIntegrityError(
                 f"the bundle at {str(bundle.root)!r} has sha256 {bundle.sha256}, not the pinned "
                 f"{sha256!r:.80}: ship the bundle the app was built with"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,12 @@ def test_manifest_round_trips_through_json(bundle_copy: Path) -> None:
 # -- the manifest: the one file no hash in the bundle covers ------------------------------
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store.open(tmp_path / "s.db", key=PassphraseKey("correct horse battery", **CHEAP)) as s:
+        yield s
+
+
 def _edit(bundle: Path, edit: Callable[[dict[str, Any]], object]) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     edit(manifest)
@@ -155,7 +161,7 @@ def test_an_edited_manifest_is_refused_before_anything_runs(
 
 
 def test_a_manifest_that_disagrees_with_its_graphs_is_refused_at_open(
-    bundle_copy: Path, tmp_path: Path
+    bundle_copy: Path, store: Store
 ) -> None:
     """Sizes the graphs fix: a consistent but wrong manifest loads, the session check fails."""
 
@@ -169,48 +175,44 @@ def test_a_manifest_that_disagrees_with_its_graphs_is_refused_at_open(
         (lambda m: m["slots"][0].__setitem__("rank", 5), r"lora\.l\d\.\w+\.A is \[\d+, \d+\]"),
     ]
     original = (bundle_copy / "manifest.json").read_text()
-    with Store.open(
-        tmp_path / "s.db", key=PassphraseKey("correct horse battery", **CHEAP)
-    ) as store:
-        for edit, match in cases:
-            (bundle_copy / "manifest.json").write_text(original)
-            _edit(bundle_copy, edit)
-            bundle = Bundle.load(bundle_copy)
-            with pytest.raises(BundleIntegrityError, match=match):
-                Personalizer.open(bundle, store)
-        assert store.users() == []
+    for edit, match in cases:
+        (bundle_copy / "manifest.json").write_text(original)
+        _edit(bundle_copy, edit)
+        bundle = Bundle.load(bundle_copy)
+        with pytest.raises(BundleIntegrityError, match=match):
+            Personalizer.open(bundle, store)
+    assert store.users() == []
 
 
-def test_a_tokenizer_entry_naming_another_file_is_refused(
-    bundle_copy: Path, tmp_path: Path
-) -> None:
+def test_a_tokenizer_entry_naming_another_file_is_refused(bundle_copy: Path, store: Store) -> None:
     _edit(bundle_copy, lambda m: m.__setitem__("tokenizer", "params.npz"))
-    with (
-        Store.open(tmp_path / "s.db", key=PassphraseKey("correct horse battery", **CHEAP)) as store,
-        pytest.raises(BundleIntegrityError, match=r"tokenizer 'params\.npz' cannot be read"),
-    ):
+    with pytest.raises(BundleIntegrityError, match=r"tokenizer 'params\.npz' cannot be read"):
         Personalizer.open(bundle_copy, store)
 
 
 def test_the_bundle_digest_is_the_manifests_and_pins_the_bundle(
-    bundle_copy: Path, tmp_path: Path
+    bundle_copy: Path, store: Store
 ) -> None:
     digest = hashlib.sha256((bundle_copy / "manifest.json").read_bytes()).hexdigest()
     assert Bundle.load(bundle_copy).sha256 == digest
     assert Bundle.load(bundle_copy, sha256=digest).sha256 == digest
-    with Store.open(tmp_path / "p.db", PassphraseKey("pass phrase", **CHEAP)) as store:
-        assert Personalizer.open(bundle_copy, store, sha256=digest).bundle.sha256 == digest
-        # An edit the schema accepts (another parity figure) still changes the digest.
-        _edit(bundle_copy, lambda m: m["parity"][0].__setitem__("value", 1.0))
-        Bundle.load(bundle_copy)
-        with pytest.raises(BundleIntegrityError, match=f"not the pinned {digest}"):
-            Bundle.load(bundle_copy, sha256=digest)
-        for bundle in (bundle_copy, Bundle.load(bundle_copy)):  # a path, or a loaded bundle
-            with pytest.raises(BundleIntegrityError, match="not the pinned"):
-                Personalizer.open(bundle, store, sha256=digest)
+    assert Personalizer.open(bundle_copy, store, sha256=digest).bundle.sha256 == digest
+    # An edit the schema accepts (another parity figure) still changes the digest.
+    _edit(bundle_copy, lambda m: m["parity"][0].__setitem__("value", 1.0))
+    Bundle.load(bundle_copy)
+    with pytest.raises(BundleIntegrityError, match=f"not the pinned {digest}"):
+        Bundle.load(bundle_copy, sha256=digest)
+    for bundle in (bundle_copy, Bundle.load(bundle_copy)):  # a path, or a loaded bundle
+        with pytest.raises(BundleIntegrityError, match="not the pinned"):
+            Personalizer.open(bundle, store, sha256=digest)
 
 
 @pytest.mark.parametrize("pin", ["", "A" * 64, "0" * 63, b"0" * 64, 5])
-def test_a_pin_that_is_not_a_digest_is_refused(bundle_copy: Path, pin: object) -> None:
+def test_a_pin_that_is_not_a_digest_is_refused(
+    bundle_copy: Path, store: Store, pin: object
+) -> None:
+    for bundle in (bundle_copy, Bundle.load(bundle_copy)):  # a path, or a loaded bundle
+        with pytest.raises(InvalidInputError, match="64 lowercase hex digits"):
+            Personalizer.open(bundle, store, sha256=pin)  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="64 lowercase hex digits"):
         Bundle.load(bundle_copy, sha256=pin)  # type: ignore[arg-type]
