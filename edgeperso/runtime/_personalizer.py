@@ -41,6 +41,7 @@ from edgeperso.runtime._trainer import (
     TrainProgress,
     TrainResult,
     class_weights,
+    clear_advantage,
     clip_by_global_norm,
     learning_rate,
     macro_f1,
@@ -768,16 +769,13 @@ class Personalizer:
         best_score = global_score
         for candidate, predicted in self._stage1_candidates(data, every, parts, config):
             score = self._score(data, every, predicted)
-            # The one-standard-error rule: a candidate must beat the shared model by more
-            # than `selection_se` standard errors of its per-fold advantage, not merely on
-            # average, so that fold-to-fold noise does not pick one that is worse on new texts.
             advantage = np.array([self._score(data, held, predicted) for held in parts])
             advantage = advantage - global_folds
             if self.manifest.task == "regression":
                 advantage = -advantage  # MAE: lower is better
-            error = advantage.std(ddof=1) / math.sqrt(len(parts)) if len(parts) > 1 else 0.0
-            clear = advantage.mean() > config.selection_se * error
-            if clear and self._better(score, best_score):
+            if clear_advantage(advantage, config.selection_se) and self._better(
+                score, best_score
+            ):
                 chosen, best_score = candidate, score
         return chosen, global_score, best_score
 

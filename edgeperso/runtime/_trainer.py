@@ -279,6 +279,14 @@ def stratified_folds(
     return folds
 
 
+def clear_advantage(advantage: np.ndarray, selection_se: float) -> bool:
+    """Stage 1's rule: a candidate's per-fold advantage over the shared model (higher is
+    better) must average more than `selection_se` standard errors of itself, not merely be
+    positive, so that fold-to-fold noise does not pick one that is worse on new texts."""
+    error = advantage.std(ddof=1) / math.sqrt(len(advantage)) if len(advantage) > 1 else 0.0
+    return bool(advantage.mean() > selection_se * error)
+
+
 def _held_count(n: int, fraction: float) -> int:
     """About `fraction` of `n`, but at least one and never all: both sides stay non-empty."""
     return min(n - 1, max(1, round(fraction * n)))

@@ -19,6 +19,7 @@ from edgeperso.runtime import TrainConfig
 from edgeperso.runtime._params import from_bytes, to_bytes
 from edgeperso.runtime._trainer import (
     AdamW,
+    clear_advantage,
     clip_by_global_norm,
     learning_rate,
     macro_f1,
@@ -208,6 +209,16 @@ def test_holdout_split_depends_only_on_the_seed() -> None:
     second = split_holdout(labels, 30, 0.2, np.random.default_rng(7))
     np.testing.assert_array_equal(first[0], second[0])
     np.testing.assert_array_equal(first[1], second[1])
+
+
+def test_a_candidate_is_clear_only_above_the_threshold_in_standard_errors() -> None:
+    # mean 0.08, standard error 0.0735 (sample std 0.1643 over 5 folds): 1.09 SEs
+    noisy = np.array([0.2, -0.1, 0.2, -0.1, 0.2])
+    assert clear_advantage(noisy, 1.0)
+    assert not clear_advantage(noisy, 1.5)
+    assert clear_advantage(np.full(5, 0.01), 3.0)  # no spread: any positive mean is clear
+    assert not clear_advantage(np.zeros(5), 0.0)  # no gain is never clear
+    assert not clear_advantage(np.array([-0.2, 0.1, -0.2, 0.1, -0.2]), 0.0)
 
 
 @pytest.mark.parametrize(
