@@ -773,9 +773,7 @@ class Personalizer:
             advantage = advantage - global_folds
             if self.manifest.task == "regression":
                 advantage = -advantage  # MAE: lower is better
-            if clear_advantage(advantage, config.selection_se) and self._better(
-                score, best_score
-            ):
+            if clear_advantage(advantage, config.selection_se) and self._better(score, best_score):
                 chosen, best_score = candidate, score
         return chosen, global_score, best_score
 
