@@ -11,8 +11,8 @@ their inner-training rows and the chosen one is scored on the inner-test rows, a
 global head. Reported per data set and threshold: mean per-user macro-F1, mean gain over the
 global head, and the share of (user, inner seed) pairs made worse.
 
-The candidates and the rule are the runtime's: the `TrainConfig` grids, `fit_logistic`,
-`knn_mix`, `stratified_folds` and `clear_advantage`. The features are the bundle's base
+The candidates and the rule are the runtime's: `stage1_candidates` (the `TrainConfig`
+grids), `fit_head_delta`, `knn_mix`, `stratified_folds` and `clear_advantage`. The features are the bundle's base
 features (no trained global level), computed once and cached.
 
     python benchmarks/nested_selection.py BUNDLE --data DATA_DIR \
@@ -32,7 +32,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,13 @@ from edgeperso.evaluate import EvalConfig, LabelMap, read_table
 from edgeperso.evaluate._data import Table, as_table, split_users, to_records
 from edgeperso.evaluate._global import fit_global_head
 from edgeperso.evaluate._report import machine_info
-from edgeperso.runtime._head import fit_logistic, knn_mix, unit_rows
+from edgeperso.runtime._head import (
+    fit_head_delta,
+    fit_logistic,
+    knn_mix,
+    stage1_candidates,
+    unit_rows,
+)
 from edgeperso.runtime._trainer import clear_advantage, macro_f1, stratified_folds
 
 NOBODY = "__shared_model__"  # a user id with no adapter: the base features
@@ -75,10 +81,7 @@ def _tweeteval(data: Path) -> tuple[Table, EvalConfig, tuple[str, ...]]:
     return (
         as_table(rows),
         EvalConfig(label_map=LabelMap("Hateful=yes,Non-hateful=no")),
-        (
-            "no",
-            "yes",
-        ),
+        ("no", "yes"),
     )
 
 
@@ -133,47 +136,12 @@ def cross_validated(
     advantage over the shared model, as stage 1 computes them."""
     folds = stratified_folds(list(y), len(y), config.folds, np.random.default_rng(config.seed))
     parts = [np.flatnonzero(folds == k) for k in range(int(folds.max()) + 1)]
-    every = np.arange(len(y))
     shared = np.array([macro_f1(y[p], out[p].argmax(1)) for p in parts])
     table = []
-    for candidate, predicted in _candidates(x, y, out, parts, every, n_classes, config):
+    for candidate, predicted in stage1_candidates(x, out, y, y, n_classes, parts, config):
         folds_score = np.array([macro_f1(y[p], predicted[p].argmax(1)) for p in parts])
         table.append((candidate, macro_f1(y, predicted.argmax(1)), folds_score - shared))
     return macro_f1(y, out.argmax(1)), table
-
-
-def _candidates(
-    x: np.ndarray,
-    y: np.ndarray,
-    out: np.ndarray,
-    parts: list[np.ndarray],
-    every: np.ndarray,
-    n_classes: int,
-    config: TrainConfig,
-) -> Iterator[tuple[Candidate, np.ndarray]]:
-    for l2 in config.head_l2:
-        predicted = np.zeros_like(out)
-        for held in parts:
-            rest = np.setdiff1d(every, held)
-            w, b = _head(x[rest], y[rest], out[rest], n_classes, l2, config)
-            predicted[held] = out[held] + x[held] @ w + b
-        yield ("head", l2), predicted
-    keys = unit_rows(x)
-    for k in config.knn_k:
-        for weight in config.knn_weight:
-            predicted = np.zeros_like(out)
-            for held in parts:
-                rest = np.setdiff1d(every, held)
-                predicted[held] = knn_mix(out[held], x[held], keys[rest], y[rest], k, weight)
-            yield ("knn", (k, float(weight))), predicted
-
-
-def _head(
-    x: np.ndarray, y: np.ndarray, out: np.ndarray, n_classes: int, l2: float, config: TrainConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    return fit_logistic(
-        x, y, n_classes, l2=l2, steps=200, class_weighting=config.class_weighting, offset=out
-    )
 
 
 def choose(
@@ -204,7 +172,7 @@ def apply(
         return outt
     kind, value = candidate
     if kind == "head":
-        w, b = _head(x, y, out, n_classes, value, config)
+        w, b = fit_head_delta(x, out, y, y, n_classes, value, config.class_weighting)
         head: np.ndarray = outt + xt @ w + b
         return head
     if kind == "scratch":  # a per-user logistic regression on the features alone

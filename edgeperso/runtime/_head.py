@@ -6,9 +6,15 @@ milliseconds rather than by the train graph's stochastic steps."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from edgeperso._errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from edgeperso.runtime._trainer import TrainConfig
 
 
 def fit_logistic(
@@ -129,3 +135,68 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     out = x.astype(np.float32)
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out
+
+
+def fit_head_delta(
+    features: np.ndarray,  # [n, d]
+    shared_out: np.ndarray,  # [n, C] the shared model's outputs for these rows
+    labels: np.ndarray | None,  # [n] int64 for classification; None: regression
+    targets: np.ndarray,  # [n, C] float scores (used for regression)
+    n_classes: int,
+    l2: float,
+    class_weighting: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A user's head delta (W [d, C], b [C]) on top of the shared model's outputs."""
+    if labels is None:
+        return fit_ridge(features, targets[:, 0], l2, offset=shared_out[:, 0])
+    return fit_logistic(
+        features,
+        labels,
+        n_classes,
+        l2=l2,
+        steps=200,
+        class_weighting=class_weighting,
+        offset=shared_out,
+    )
+
+
+def stage1_candidates(
+    features: np.ndarray,  # [n, d]
+    shared_out: np.ndarray,  # [n, C]
+    labels: np.ndarray | None,
+    targets: np.ndarray,
+    n_classes: int,
+    parts: list[np.ndarray],  # the folds' row indices
+    config: TrainConfig,
+) -> Iterator[tuple[tuple[str, Any], np.ndarray]]:
+    """(candidate, its out-of-fold outputs for every row): a head delta for each strength in
+    `config.head_l2`, then, for classification, the retrieval mix for each k and weight
+    (each fold's rows retrieve only from the other folds)."""
+    every = np.arange(len(features))
+    for l2 in config.head_l2:
+        predicted = np.zeros_like(shared_out)
+        for held in parts:
+            rest = np.setdiff1d(every, held)
+            w, b = fit_head_delta(
+                features[rest],
+                shared_out[rest],
+                None if labels is None else labels[rest],
+                targets[rest],
+                n_classes,
+                l2,
+                config.class_weighting,
+            )
+            predicted[held] = shared_out[held] + features[held] @ w + b
+        yield ("head", l2), predicted
+    if labels is None:
+        return
+    keys = unit_rows(features)
+    for k in config.knn_k:
+        for weight in config.knn_weight:
+            predicted = np.zeros_like(shared_out)
+            for held in parts:
+                rest = np.setdiff1d(every, held)
+                predicted[held] = knn_mix(
+                    shared_out[held], features[held], keys[rest], labels[rest], k, weight
+                )
+            yield ("knn", (k, float(weight))), predicted

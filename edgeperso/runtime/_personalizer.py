@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, overload
 
 import numpy as np
@@ -29,7 +29,7 @@ from edgeperso._errors import (
 from edgeperso.bundle import INFER_GRAPH, Bundle, Manifest
 from edgeperso.bundle._bundle import check_pin
 from edgeperso.runtime import _params, _shared
-from edgeperso.runtime._head import fit_logistic, fit_ridge, knn_mix, unit_rows
+from edgeperso.runtime._head import fit_head_delta, knn_mix, stage1_candidates, unit_rows
 from edgeperso.runtime._params import Params
 from edgeperso.runtime._session import Graph, SessionOptions
 from edgeperso.runtime._shared import SharedTrainConfig, SharedTrainResult
@@ -767,7 +767,16 @@ class Personalizer:
         global_folds = np.array([self._score(data, held, data.shared_out) for held in parts])
         chosen: tuple[str, Any] | None = None
         best_score = global_score
-        for candidate, predicted in self._stage1_candidates(data, every, parts, config):
+        candidates = stage1_candidates(
+            data.features,
+            data.shared_out,
+            data.labels,
+            data.targets,
+            len(self.manifest.labels),
+            parts,
+            config,
+        )
+        for candidate, predicted in candidates:
             score = self._score(data, every, predicted)
             advantage = np.array([self._score(data, held, predicted) for held in parts])
             advantage = advantage - global_folds
@@ -777,51 +786,18 @@ class Personalizer:
                 chosen, best_score = candidate, score
         return chosen, global_score, best_score
 
-    def _stage1_candidates(
-        self, data: _Prepared, every: np.ndarray, parts: list[np.ndarray], config: TrainConfig
-    ) -> Iterator[tuple[tuple[str, Any], np.ndarray]]:
-        """(candidate, its out-of-fold outputs for every example): a head delta for each
-        strength in `config.head_l2`, then, for classification, the retrieval mix for each
-        k and weight (each fold's examples retrieve only from the other folds)."""
-        for l2 in config.head_l2:
-            predicted = np.zeros_like(data.shared_out)
-            for held in parts:
-                w, b = self._fit_head(data, np.setdiff1d(every, held), l2, config)
-                predicted[held] = data.shared_out[held] + data.features[held] @ w + b
-            yield ("head", l2), predicted
-        if data.labels is None:
-            return
-        keys = unit_rows(data.features)
-        for k in config.knn_k:
-            for weight in config.knn_weight:
-                predicted = np.zeros_like(data.shared_out)
-                for held in parts:
-                    rest = np.setdiff1d(every, held)
-                    predicted[held] = knn_mix(
-                        data.shared_out[held],
-                        data.features[held],
-                        keys[rest],
-                        data.labels[rest],
-                        k,
-                        weight,
-                    )
-                yield ("knn", (k, float(weight))), predicted
-
     def _fit_head(
         self, data: _Prepared, rows: np.ndarray, l2: float, config: TrainConfig
     ) -> tuple[np.ndarray, np.ndarray]:
         """The user's head delta (W [d, C], b [C]) on top of the shared model's outputs."""
-        x, offset = data.features[rows], data.shared_out[rows]
-        if data.labels is None:
-            return fit_ridge(x, data.targets[rows, 0], l2, offset=offset[:, 0])
-        return fit_logistic(
-            x,
-            data.labels[rows],
+        return fit_head_delta(
+            data.features[rows],
+            data.shared_out[rows],
+            None if data.labels is None else data.labels[rows],
+            data.targets[rows],
             len(self.manifest.labels),
-            l2=l2,
-            steps=200,
-            class_weighting=config.class_weighting,
-            offset=offset,
+            l2,
+            config.class_weighting,
         )
 
     def _head_params(self, w: np.ndarray, b: np.ndarray, base: Params | None = None) -> Params:
