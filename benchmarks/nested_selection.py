@@ -11,6 +11,10 @@ their inner-training rows and the chosen one is scored on the inner-test rows, a
 global head. Reported per data set and threshold: mean per-user macro-F1, mean gain over the
 global head, and the share of (user, inner seed) pairs made worse.
 
+`--single-heads 0.3,1,3` also scores smaller candidate sets under the same rule: one head
+strength alone, and with the retrieval mix, at each threshold, and that head kept for every
+user ("always", no rule): how much of the rule's cost is the choice among many candidates.
+
 The candidates and the rule are the runtime's: `stage1_candidates` (the `TrainConfig`
 grids), `fit_head_delta`, `knn_mix`, `stratified_folds` and `clear_advantage`. The features are the bundle's base
 features (no trained global level), computed once and cached.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -148,14 +153,13 @@ def choose(
     shared: float,
     table: list[tuple[Candidate, float, np.ndarray]],
     selection_se: float,
-    *,
-    knn: bool = True,
+    offered: Callable[[Candidate], bool] = lambda candidate: True,
 ) -> Candidate | None:
+    """The runtime's rule over the `offered` candidates: the best cross-validated score among
+    those with a clear advantage over the shared model (None: keep the shared model)."""
     chosen, best = None, shared
     for candidate, score, advantage in table:
-        if candidate[0] == "knn" and not knn:
-            continue
-        if clear_advantage(advantage, selection_se) and score > best:
+        if offered(candidate) and clear_advantage(advantage, selection_se) and score > best:
             chosen, best = candidate, score
     return chosen
 
@@ -183,18 +187,59 @@ def apply(
     return result
 
 
+Offered = Callable[[Candidate], bool]
+
+
+def candidate_sets(
+    default: TrainConfig, thresholds: list[float], single_heads: list[float]
+) -> dict[str, tuple[float, Offered]]:
+    """name: (selection_se, which candidates the rule may pick). The default grids at each
+    threshold and without retrieval; with `single_heads`, one head strength alone and with
+    the retrieval mix, at each threshold."""
+    grid = set(default.head_l2)
+
+    def in_grid(candidate: Candidate) -> bool:
+        return candidate[0] == "knn" or candidate[1] in grid
+
+    def no_knn(candidate: Candidate) -> bool:
+        return candidate[0] == "head" and candidate[1] in grid
+
+    rules: dict[str, tuple[float, Offered]] = {f"se{t:g}": (t, in_grid) for t in thresholds}
+    rules[f"se{default.selection_se:g} without knn"] = (default.selection_se, no_knn)
+    for l2 in single_heads:
+        for t in thresholds:
+            rules[f"head {l2:g} only, se{t:g}"] = (t, _one_head(l2, knn=False))
+            rules[f"head {l2:g} + knn, se{t:g}"] = (t, _one_head(l2, knn=True))
+    return rules
+
+
+def _one_head(l2: float, *, knn: bool) -> Offered:
+    def offered(candidate: Candidate) -> bool:
+        return candidate == ("head", l2) or (knn and candidate[0] == "knn")
+
+    return offered
+
+
 def run(
-    task: str, data: Path, bundle: Path, cache: Path | None, thresholds: list[float]
+    task: str,
+    data: Path,
+    bundle: Path,
+    cache: Path | None,
+    thresholds: list[float],
+    single_heads: list[float],
 ) -> dict[str, Any]:
     rows, eval_config, labels = TASKS[task](data)
     records, _ = to_records(rows, eval_config, "classification", labels)
     splits = split_users(records, eval_config)
     feats = features(bundle, [r.text for r in records], cache)
     n_classes = len(labels)
-    config = TrainConfig()
-    rules = {f"se{t:g}": (t, True) for t in thresholds}  # name: (selection_se, with knn)
-    rules[f"se{config.selection_se:g} without knn"] = (config.selection_se, False)
-    scores: dict[str, list[float]] = {name: [] for name in [*rules, "global", "scratch_lr"]}
+    default = TrainConfig()
+    # every candidate any rule offers is cross-validated once; each rule picks among its own
+    config = dataclasses.replace(default, head_l2=tuple(sorted({*default.head_l2, *single_heads})))
+    rules = candidate_sets(default, thresholds, single_heads)
+    always = {f"head {l2:g} always": ("head", l2) for l2 in single_heads}
+    names = [*rules, *always, "global", "scratch_lr"]
+    scores: dict[str, list[float]] = {name: [] for name in names}
     hyper: tuple[float, bool | None] | None = None
     for seed in INNER_SEEDS:
         rng = np.random.default_rng(1000 + seed)
@@ -237,16 +282,22 @@ def run(
             shared_test = macro_f1(yt, outt.argmax(1))
             scores["global"].append(shared_test)
             if len(y) < 4 or len(set(y.tolist())) < 2:  # not trained: the user keeps global
-                for name in [*rules, "scratch_lr"]:
-                    scores[name].append(shared_test)
+                for name in names:
+                    if name != "global":
+                        scores[name].append(shared_test)
                 continue
             scratch = apply(("scratch", 1.0), (x, y, out), (xt, outt), n_classes, config)
             scores["scratch_lr"].append(macro_f1(yt, scratch.argmax(1)))
             shared, table = cross_validated(x, y, out, n_classes, config)
-            for name, (selection_se, knn) in rules.items():
-                chosen = choose(shared, table, selection_se, knn=knn)
-                predicted = apply(chosen, (x, y, out), (xt, outt), n_classes, config)
-                scores[name].append(macro_f1(yt, predicted.argmax(1)))
+            scored: dict[Candidate | None, float] = {}  # rules often agree: fit each once
+            picks = {
+                name: choose(shared, table, se, offered) for name, (se, offered) in rules.items()
+            }
+            for name, chosen in [*picks.items(), *always.items()]:
+                if chosen not in scored:
+                    predicted = apply(chosen, (x, y, out), (xt, outt), n_classes, config)
+                    scored[chosen] = macro_f1(yt, predicted.argmax(1))
+                scores[name].append(scored[chosen])
     shared_scores = np.array(scores["global"])
     assert hyper is not None
     return {
@@ -270,6 +321,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--thresholds", default="0,0.5,1,1.5,2,2.5")
+    parser.add_argument(
+        "--single-heads",
+        default="",
+        help="head L2 strengths to also try alone (and with retrieval), e.g. 0.3,1,3",
+    )
     parser.add_argument("--feature-cache", type=Path)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/nested_selection.json"))
     args = parser.parse_args()
@@ -278,12 +334,17 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown tasks {unknown}: choose from {', '.join(TASKS)}")
     thresholds = [float(t) for t in args.thresholds.split(",")]
+    single_heads = [float(v) for v in args.single_heads.split(",") if v]
+    if any(not math.isfinite(v) or v <= 0 for v in single_heads):
+        parser.error("--single-heads must be finite numbers > 0")
     if any(not math.isfinite(t) or t < 0 for t in thresholds):
         parser.error("--thresholds must be finite numbers >= 0")
     report: dict[str, Any] = {"machine": machine_info(), "tasks": {}}
     for task in tasks:
         start = time.perf_counter()
-        report["tasks"][task] = run(task, args.data, args.bundle, args.feature_cache, thresholds)
+        report["tasks"][task] = run(
+            task, args.data, args.bundle, args.feature_cache, thresholds, single_heads
+        )
         report["tasks"][task]["seconds"] = time.perf_counter() - start
         print(task, json.dumps(report["tasks"][task]["rules"]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
         "split and bundle, instead of fitting it (not with --global-epochs)",
     )
     ev.add_argument(
+        "--head-l2",
+        help="strengths of the user's head pull toward the shared model, cross-validated per "
+        "user, e.g. 0.01,0.1,1,10 (one value: no choice; default: TrainConfig's)",
+    )
+    ev.add_argument(
         "--knn-k",
         help="neighbour counts of the retrieval candidates in on-device training, e.g. 5,15 "
         "('' offers none; default: TrainConfig's)",
@@ -254,6 +259,13 @@ def _evaluate(args: argparse.Namespace) -> int:
             overrides["knn_k"] = tuple(int(k) for k in args.knn_k.replace(" ", "").split(",") if k)
         except ValueError:
             raise InvalidInputError("--knn-k takes integers, e.g. 5,15 ('' for none)") from None
+    if args.head_l2 is not None:
+        try:
+            overrides["head_l2"] = tuple(
+                float(v) for v in args.head_l2.replace(" ", "").split(",") if v
+            )
+        except ValueError:
+            raise InvalidInputError("--head-l2 takes numbers, e.g. 0.1,1,10") from None
     if args.selection_se is not None:
         overrides["selection_se"] = args.selection_se
     weighting = {"cv": (True, False), "on": (True,), "off": (False,)}

@@ -20,6 +20,7 @@ def test_evaluate_writes_the_json_report_and_the_plots(
     out = tmp_path / "out"
     head = ["--global-l2", "0.5, 2", "--global-class-weighting", "off", "--knn-k", ""]
     head += ["--global-epochs", "1", "--global-learning-rate", "1e-3", "--selection-se", "2.5"]
+    head += ["--head-l2", "3"]
     args = ["evaluate", str(annotations_csv), str(noyes_bundle), "--out", str(out), *head]
     assert main([*args, *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -34,6 +35,8 @@ def test_evaluate_writes_the_json_report_and_the_plots(
     assert report["config"]["cold_start"] == []
     assert report["config"]["train"]["knn_k"] == []  # no retrieval candidate offered
     assert report["config"]["train"]["selection_se"] == 2.5
+    assert report["config"]["train"]["head_l2"] == [3.0]
+    assert all(user["head_l2"] in (None, 3.0) for user in report["users"])
     assert all(user["stage"] != "knn" for user in report["users"])
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "per_user.png").stat().st_size > 0
@@ -57,6 +60,9 @@ def test_a_numeric_column_is_binarised_with_label_map(
         (["--cold-start", "ten"], "--cold-start takes integers"),
         (["--global-l2", "0.1,big"], "--global-l2 takes numbers"),
         (["--global-l2", "-1"], "EvalConfig.head_l2 is out of range"),
+        (["--head-l2", "1,strong"], "--head-l2 takes numbers"),
+        (["--head-l2", "0"], "TrainConfig.head_l2 must be a non-empty tuple of finite numbers > 0"),
+        (["--head-l2", ""], "TrainConfig.head_l2 must be a non-empty tuple of finite numbers > 0"),
         (["--knn-k", "5,many"], "--knn-k takes integers"),
         (["--knn-k", "0"], "TrainConfig.knn_k must be a tuple of ints >= 1"),
         (["--selection-se", "-1"], "TrainConfig.selection_se must be >= 0"),
