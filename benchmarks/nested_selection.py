@@ -60,6 +60,7 @@ from edgeperso.runtime._trainer import clear_advantage, macro_f1, stratified_fol
 NOBODY = "__shared_model__"  # a user id with no adapter: the base features
 INNER_SEEDS = (1, 2, 3)
 Candidate = tuple[str, Any]
+Offered = Callable[[Candidate], bool]  # which candidates a rule may pick
 
 
 def _studemo(column: str, spec: str, labels: tuple[str, ...]) -> Callable[[Path], Any]:
@@ -153,7 +154,7 @@ def choose(
     shared: float,
     table: list[tuple[Candidate, float, np.ndarray]],
     selection_se: float,
-    offered: Callable[[Candidate], bool] = lambda candidate: True,
+    offered: Offered = lambda candidate: True,
 ) -> Candidate | None:
     """The runtime's rule over the `offered` candidates: the best cross-validated score among
     those with a clear advantage over the shared model (None: keep the shared model)."""
@@ -185,9 +186,6 @@ def apply(
         return alone
     result: np.ndarray = knn_mix(outt, xt, unit_rows(x), y, value[0], value[1])
     return result
-
-
-Offered = Callable[[Candidate], bool]
 
 
 def candidate_sets(
@@ -238,8 +236,8 @@ def run(
     config = dataclasses.replace(default, head_l2=tuple(sorted({*default.head_l2, *single_heads})))
     rules = candidate_sets(default, thresholds, single_heads)
     always = {f"head {l2:g} always": ("head", l2) for l2 in single_heads}
-    names = [*rules, *always, "global", "scratch_lr"]
-    scores: dict[str, list[float]] = {name: [] for name in names}
+    personal = [*rules, *always, "scratch_lr"]
+    scores: dict[str, list[float]] = {name: [] for name in ["global", *personal]}
     hyper: tuple[float, bool | None] | None = None
     for seed in INNER_SEEDS:
         rng = np.random.default_rng(1000 + seed)
@@ -282,9 +280,8 @@ def run(
             shared_test = macro_f1(yt, outt.argmax(1))
             scores["global"].append(shared_test)
             if len(y) < 4 or len(set(y.tolist())) < 2:  # not trained: the user keeps global
-                for name in names:
-                    if name != "global":
-                        scores[name].append(shared_test)
+                for name in personal:
+                    scores[name].append(shared_test)
                 continue
             scratch = apply(("scratch", 1.0), (x, y, out), (xt, outt), n_classes, config)
             scores["scratch_lr"].append(macro_f1(yt, scratch.argmax(1)))

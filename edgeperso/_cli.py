@@ -240,32 +240,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listed(text: str, kind: Callable[[str], Any], message: str) -> tuple[Any, ...]:
+    """A comma-separated option as a tuple ('' gives an empty one; spaces are ignored)."""
+    try:
+        return tuple(kind(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise InvalidInputError(message) from None
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from edgeperso.evaluate import EvalConfig, LabelMap, evaluate, read_table, write_plots
     from edgeperso.evaluate._paths import output_folder
     from edgeperso.runtime import TrainConfig
 
-    try:
-        ks = tuple(int(k) for k in args.cold_start.replace(" ", "").split(",") if k)
-    except ValueError:
-        raise InvalidInputError("--cold-start takes integers, e.g. 10,25,50") from None
-    try:
-        l2 = tuple(float(v) for v in args.global_l2.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise InvalidInputError("--global-l2 takes numbers, e.g. 0.01,0.1,1") from None
+    ks = _listed(args.cold_start, int, "--cold-start takes integers, e.g. 10,25,50")
+    l2 = _listed(args.global_l2, float, "--global-l2 takes numbers, e.g. 0.01,0.1,1")
     overrides: dict[str, Any] = {}
     if args.knn_k is not None:
-        try:
-            overrides["knn_k"] = tuple(int(k) for k in args.knn_k.replace(" ", "").split(",") if k)
-        except ValueError:
-            raise InvalidInputError("--knn-k takes integers, e.g. 5,15 ('' for none)") from None
+        overrides["knn_k"] = _listed(
+            args.knn_k, int, "--knn-k takes integers, e.g. 5,15 ('' for none)"
+        )
     if args.head_l2 is not None:
-        try:
-            overrides["head_l2"] = tuple(
-                float(v) for v in args.head_l2.replace(" ", "").split(",") if v
-            )
-        except ValueError:
-            raise InvalidInputError("--head-l2 takes numbers, e.g. 0.1,1,10") from None
+        overrides["head_l2"] = _listed(
+            args.head_l2, float, "--head-l2 takes numbers, e.g. 0.1,1,10"
+        )
     if args.selection_se is not None:
         overrides["selection_se"] = args.selection_se
     weighting = {"cv": (True, False), "on": (True,), "off": (False,)}
