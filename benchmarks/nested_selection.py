@@ -46,7 +46,7 @@ import numpy as np
 from edgeperso import Personalizer, RawKey, Store, TrainConfig
 from edgeperso.evaluate import EvalConfig, LabelMap, read_table
 from edgeperso.evaluate._data import Table, as_table, split_users, to_records
-from edgeperso.evaluate._global import fit_global_head
+from edgeperso.evaluate._global import configured_global_head
 from edgeperso.evaluate._report import machine_info
 from edgeperso.runtime._head import (
     fit_head_delta,
@@ -107,6 +107,40 @@ TASKS: dict[str, Callable[[Path], tuple[Table, EvalConfig, tuple[str, ...]]]] = 
     "tweeteval": _tweeteval,
     "goemotions": _goemotions,
 }
+
+
+def chosen_tasks(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """`--tasks`, comma-separated names from TASKS (an unknown one is a usage error)."""
+    tasks = [t for t in text.split(",") if t]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        parser.error(f"unknown tasks {unknown}: choose from {', '.join(TASKS)}")
+    return tasks
+
+
+def compared(scores: dict[str, list[float]], reference: np.ndarray) -> dict[str, Any]:
+    """Per method: mean per-user score, mean gain over `reference` (the shared model's
+    scores, in the same order) and the shares of users it makes worse and better."""
+    summary = {}
+    for name, values in scores.items():
+        v = np.array(values)
+        summary[name] = {
+            "mean": float(v.mean()),
+            "gain": float(np.mean(v - reference)),
+            "share_worse": float(np.mean(v < reference - 1e-12)),
+            "share_better": float(np.mean(v > reference + 1e-12)),
+        }
+    return summary
+
+
+def data_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The arguments every script over TASKS takes: the bundle, the data and feature cache,
+    the tasks, and where the JSON report goes (`out` under benchmarks/out/)."""
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--feature-cache", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out") / out)
 
 
 def features(bundle: Path, texts: list[str], cache: Path | None) -> dict[str, np.ndarray]:
@@ -254,17 +288,7 @@ def run(
         all_y = np.concatenate([v[1] for v in inner.values()])
         all_users = np.concatenate([[u] * len(v[1]) for u, v in inner.items()])
         if hyper is None:  # chosen once, on the first inner seed's training rows
-            head = fit_global_head(
-                all_x,
-                all_y,
-                all_users,
-                n_classes=n_classes,
-                l2_grid=eval_config.head_l2,
-                weighting_grid=eval_config.head_class_weighting,
-                steps=eval_config.head_steps,
-                folds=eval_config.head_folds,
-                seed=eval_config.seed,
-            )
+            head = configured_global_head(all_x, all_y, all_users, n_classes, eval_config)
             hyper, (w_g, b_g) = (head.l2, head.class_weighting), (head.weights, head.bias)
         else:
             w_g, b_g = fit_logistic(
@@ -301,35 +325,21 @@ def run(
         "users": len(inner),
         "user_seed_pairs": len(shared_scores),
         "global_head": {"l2": hyper[0], "class_weighting": hyper[1]},
-        "rules": {
-            name: {
-                "mean": float(np.mean(v)),
-                "gain": float(np.mean(np.array(v) - shared_scores)),
-                "share_worse": float(np.mean(np.array(v) < shared_scores - 1e-12)),
-            }
-            for name, v in scores.items()
-        },
+        "rules": compared(scores, shared_scores),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    data_arguments(parser, "nested_selection.json")
     parser.add_argument("--thresholds", default="0,0.5,1,1.5,2,2.5")
     parser.add_argument(
         "--single-heads",
         default="",
         help="head L2 strengths to also try alone (and with retrieval), e.g. 0.3,1,3",
     )
-    parser.add_argument("--feature-cache", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/nested_selection.json"))
     args = parser.parse_args()
-    tasks = [t for t in args.tasks.split(",") if t]
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        parser.error(f"unknown tasks {unknown}: choose from {', '.join(TASKS)}")
+    tasks = chosen_tasks(parser, args.tasks)
     thresholds = [float(t) for t in args.thresholds.split(",")]
     single_heads = [float(v) for v in args.single_heads.split(",") if v]
     if any(not math.isfinite(v) or v <= 0 for v in single_heads):

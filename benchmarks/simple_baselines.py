@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from nested_selection import TASKS, features
+from nested_selection import TASKS, chosen_tasks, compared, data_arguments, features
 from sklearn.linear_model import LogisticRegression
 
 from edgeperso.evaluate._data import split_users, to_records
-from edgeperso.evaluate._global import fit_global_head
+from edgeperso.evaluate._global import configured_global_head
 from edgeperso.evaluate._report import machine_info
 from edgeperso.runtime._trainer import macro_f1
 
@@ -74,16 +74,8 @@ def run(task: str, data: Path, bundle: Path, cache: Path | None) -> dict[str, An
     x_all = np.concatenate([users[u][0] for u in names])
     y_all = np.concatenate([users[u][1] for u in names])
     owner = np.concatenate([[i] * len(users[u][1]) for i, u in enumerate(names)])
-    head = fit_global_head(
-        x_all.astype(np.float32),
-        y_all,
-        np.array(names)[owner],
-        n_classes=n_classes,
-        l2_grid=config.head_l2,
-        weighting_grid=config.head_class_weighting,
-        steps=config.head_steps,
-        folds=config.head_folds,
-        seed=config.seed,
+    head = configured_global_head(
+        x_all.astype(np.float32), y_all, np.array(names)[owner], n_classes, config
     )
     plain = LogisticRegression(max_iter=2000).fit(x_all, y_all)
     indicator = np.eye(len(names))[owner] * ONE_HOT_SCALE
@@ -115,33 +107,18 @@ def run(task: str, data: Path, bundle: Path, cache: Path | None) -> dict[str, An
         for label, balanced in (("per-user LR", False), ("per-user LR balanced", True)):
             alone = _per_user(balanced)(users[name]) if len(set(y.tolist())) > 1 else shared
             scores[label].append(macro_f1(yt, alone))
-    reference = np.array(scores["global head"])
     return {
         "users": len(names),
         "global_head": {"l2": head.l2, "class_weighting": head.class_weighting},
-        "methods": {
-            name: {
-                "mean": float(np.mean(v)),
-                "share_worse": float(np.mean(np.array(v) < reference - 1e-12)),
-                "share_better": float(np.mean(np.array(v) > reference + 1e-12)),
-            }
-            for name, v in scores.items()
-        },
+        "methods": compared(scores, np.array(scores["global head"])),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--feature-cache", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/simple_baselines.json"))
+    data_arguments(parser, "simple_baselines.json")
     args = parser.parse_args()
-    tasks = [t for t in args.tasks.split(",") if t]
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        parser.error(f"unknown tasks {unknown}: choose from {', '.join(TASKS)}")
+    tasks = chosen_tasks(parser, args.tasks)
     report: dict[str, Any] = {"machine": machine_info(), "tasks": {}}
     for task in tasks:
         start = time.perf_counter()

@@ -31,7 +31,7 @@ from edgeperso.evaluate._data import (
     split_users,
     to_records,
 )
-from edgeperso.evaluate._global import fit_global_head
+from edgeperso.evaluate._global import configured_global_head
 from edgeperso.evaluate._paths import writable_file
 from edgeperso.evaluate._report import ColdStartPoint, EvalReport, UserResult, machine_info
 from edgeperso.runtime import Personalizer, SharedTrainConfig, _params
@@ -302,16 +302,12 @@ class _Run:
             target = np.array([self.labels.index(str(r.label)) for r in rows], np.int64)
         else:
             target = np.array([float(r.label) for r in rows], np.float64)
-        head = fit_global_head(
+        head = configured_global_head(
             x,
             target,
             np.array([r.user for r in rows]),
-            n_classes=len(self.labels) if self.task == "classification" else None,
-            l2_grid=self.config.head_l2,
-            weighting_grid=self.config.head_class_weighting,
-            steps=self.config.head_steps,
-            folds=self.config.head_folds,
-            seed=self.config.seed,
+            len(self.labels) if self.task == "classification" else None,
+            self.config,
         )
         w, b = head.weights, head.bias
         if self.task == "classification":

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeperso.evaluate._config import EvalConfig
 from edgeperso.runtime._head import fit_logistic, fit_ridge
 from edgeperso.runtime._trainer import macro_f1
 
@@ -74,6 +75,23 @@ def fit_global_head(
         log.info("global head: l2=%g class_weighting=%s by %d-fold CV", *chosen, k)
     w, b = _fit(x, target, n_classes, chosen[0], chosen[1], steps)
     return GlobalHead(w, b, chosen[0], chosen[1], selection)
+
+
+def configured_global_head(
+    x: np.ndarray, target: np.ndarray, users: np.ndarray, n_classes: int | None, config: EvalConfig
+) -> GlobalHead:
+    """`fit_global_head` with an evaluation's grids, steps, folds and seed."""
+    return fit_global_head(
+        x,
+        target,
+        users,
+        n_classes=n_classes,
+        l2_grid=config.head_l2,
+        weighting_grid=config.head_class_weighting,
+        steps=config.head_steps,
+        folds=config.head_folds,
+        seed=config.seed,
+    )
 
 
 def user_folds(users: np.ndarray, k: int, seed: int) -> np.ndarray:
