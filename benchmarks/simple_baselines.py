@@ -60,20 +60,23 @@ def run(task: str, data: Path, bundle: Path, cache: Path | None) -> dict[str, An
     splits = split_users(records, config)
     feats = features(bundle, [r.text for r in records], cache)
     n_classes = len(labels)
-    users: dict[str, UserRows] = {}
-    for user, split in sorted(splits.items()):
-        if len(split.train) + len(split.test) < config.min_user_rows or not split.test:
-            continue  # as the evaluator: too few rows to split, not scored
-        users[user] = (
-            np.stack([feats[r.text] for r in split.train]).astype(np.float64),
-            np.array([labels.index(str(r.label)) for r in split.train]),
-            np.stack([feats[r.text] for r in split.test]).astype(np.float64),
-            np.array([labels.index(str(r.label)) for r in split.test]),
-        )
-    names = list(users)
-    x_all = np.concatenate([users[u][0] for u in names])
-    y_all = np.concatenate([users[u][1] for u in names])
-    owner = np.concatenate([[i] * len(users[u][1]) for i, u in enumerate(names)])
+
+    def rows(part: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.stack([feats[r.text] for r in part]).astype(np.float64)
+        return x, np.array([labels.index(str(r.label)) for r in part])
+
+    # As the evaluator: the shared models learn from every user's training rows; users with
+    # fewer than min_user_rows rows (or no test row) are not scored.
+    trained = {user: rows(split.train) for user, split in sorted(splits.items()) if split.train}
+    users: dict[str, UserRows] = {
+        user: (*trained[user], *rows(split.test))
+        for user, split in sorted(splits.items())
+        if len(split.train) + len(split.test) >= config.min_user_rows and split.test
+    }
+    names = list(trained)
+    x_all = np.concatenate([trained[u][0] for u in names])
+    y_all = np.concatenate([trained[u][1] for u in names])
+    owner = np.concatenate([[i] * len(trained[u][1]) for i, u in enumerate(names)])
     head = configured_global_head(
         x_all.astype(np.float32), y_all, np.array(names)[owner], n_classes, config
     )
@@ -81,8 +84,8 @@ def run(task: str, data: Path, bundle: Path, cache: Path | None) -> dict[str, An
     indicator = np.eye(len(names))[owner] * ONE_HOT_SCALE
     with_user = LogisticRegression(max_iter=3000).fit(np.hstack([x_all, indicator]), y_all)
 
-    def one_hot(i: int, rows: int) -> np.ndarray:
-        out = np.zeros((rows, len(names)))
+    def one_hot(i: int, count: int) -> np.ndarray:
+        out = np.zeros((count, len(names)))
         out[:, i] = ONE_HOT_SCALE
         return out
 
@@ -96,19 +99,20 @@ def run(task: str, data: Path, bundle: Path, cache: Path | None) -> dict[str, An
             "per-user LR balanced",
         )
     }
-    for i, name in enumerate(names):
+    for name in users:
         _, y, xt, yt = users[name]
         shared = (xt @ head.weights + head.bias).argmax(1)
         scores["global head"].append(macro_f1(yt, shared))
         scores["global LR"].append(macro_f1(yt, plain.predict(xt)))
         scores["global LR + user one-hot"].append(
-            macro_f1(yt, with_user.predict(np.hstack([xt, one_hot(i, len(xt))])))
+            macro_f1(yt, with_user.predict(np.hstack([xt, one_hot(names.index(name), len(xt))])))
         )
         for label, balanced in (("per-user LR", False), ("per-user LR balanced", True)):
             alone = _per_user(balanced)(users[name]) if len(set(y.tolist())) > 1 else shared
             scores[label].append(macro_f1(yt, alone))
     return {
-        "users": len(names),
+        "users": len(users),
+        "training_users": len(names),
         "global_head": {"l2": head.l2, "class_weighting": head.class_weighting},
         "methods": compared(scores, np.array(scores["global head"])),
     }
