@@ -9,7 +9,7 @@ import pytest
 
 from edgeperso import InvalidInputError
 from edgeperso.evaluate import EvalConfig
-from edgeperso.evaluate._global import fit_global_head, user_folds
+from edgeperso.evaluate._global import configured_global_head, fit_global_head, user_folds
 from edgeperso.runtime._head import fit_logistic, fit_ridge
 from edgeperso.runtime._trainer import macro_f1
 
@@ -81,6 +81,23 @@ def test_regression_picks_the_lowest_mae_and_ignores_class_weighting() -> None:
     w, b = fit_ridge(x, target, head.l2)
     np.testing.assert_array_equal(head.weights, w)
     np.testing.assert_array_equal(head.bias, b)
+
+
+def test_configured_global_head_uses_the_evaluation_config_grids_steps_folds_and_seed() -> None:
+    x, y, users = users_data()
+    config = EvalConfig(
+        head_l2=(0.01, 3.0), head_class_weighting=(False,), head_steps=50, head_folds=3, seed=7
+    )
+    head = configured_global_head(x, y, users, 2, config)
+    direct = fit_global_head(
+        x, y, users, n_classes=2, l2_grid=(0.01, 3.0), weighting_grid=(False,),
+        steps=50, folds=3, seed=7,
+    )  # fmt: skip
+    assert head.selection == direct.selection and head.selection["folds"] == 3
+    assert {c["l2"] for c in head.selection["candidates"]} == {0.01, 3.0}
+    np.testing.assert_array_equal(head.weights, direct.weights)
+    other_seed = configured_global_head(x, y, users, 2, EvalConfig(**{**vars(config), "seed": 8}))
+    assert other_seed.selection != head.selection  # the seed reaches the user folds
 
 
 @pytest.mark.parametrize(
