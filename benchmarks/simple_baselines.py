@@ -99,17 +99,17 @@ def run(task: str, data: Path, bundle: Path, cache: Path | None) -> dict[str, An
             "per-user LR balanced",
         )
     }
-    for name in users:
-        _, y, xt, yt = users[name]
+    for name, user_rows in users.items():
+        _, y, xt, yt = user_rows
         shared = (xt @ head.weights + head.bias).argmax(1)
         scores["global head"].append(macro_f1(yt, shared))
         scores["global LR"].append(macro_f1(yt, plain.predict(xt)))
         scores["global LR + user one-hot"].append(
             macro_f1(yt, with_user.predict(np.hstack([xt, one_hot(names.index(name), len(xt))])))
         )
+        one_class = len(set(y.tolist())) < 2
         for label, balanced in (("per-user LR", False), ("per-user LR balanced", True)):
-            one_class = len(set(y.tolist())) < 2
-            alone = shared if one_class else per_user_lr(users[name], balanced=balanced)
+            alone = shared if one_class else per_user_lr(user_rows, balanced=balanced)
             scores[label].append(macro_f1(yt, alone))
     return {
         "users": len(users),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -96,7 +97,7 @@ def test_configured_global_head_uses_the_evaluation_config_grids_steps_folds_and
     assert head.selection == direct.selection and head.selection["folds"] == 3
     assert {c["l2"] for c in head.selection["candidates"]} == {0.01, 3.0}
     np.testing.assert_array_equal(head.weights, direct.weights)
-    other_seed = configured_global_head(x, y, users, 2, EvalConfig(**{**vars(config), "seed": 8}))
+    other_seed = configured_global_head(x, y, users, 2, dataclasses.replace(config, seed=8))
     assert other_seed.selection != head.selection  # the seed reaches the user folds
 
 
